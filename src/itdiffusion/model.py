@@ -97,6 +97,14 @@ class ITDiffusion(nn.Module):
             raise ValueError(f"loc must be finite and scale, clip, train_clip positive; got {proposal}")
         self.register_buffer("proposal", torch.tensor(proposal, dtype=torch.float64))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint may carry a spectrum of another kind (full vs diagonal): take its shapes.
+        for name in ("spectrum_mean", "spectrum_log_eigs", "spectrum_eigvecs"):
+            value = state_dict.get(prefix + name)
+            if value is not None and value.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(value, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ----------------------------------------------------------------- configuration
     @property
     def spectrum(self) -> GaussianSpectrum:

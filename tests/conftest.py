@@ -1,0 +1,32 @@
+import math
+
+import pytest
+import torch
+
+import itdiffusion as itd
+
+
+def make_mixture(d: int, k: int = 5, seed: int = 0) -> itd.GaussianMixture:
+    """A fixed isotropic Gaussian mixture in d dimensions (components well inside unit scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(k, d, generator=gen, dtype=torch.float64) * 6.0 / math.sqrt(d)
+    stds = torch.rand(k, generator=gen, dtype=torch.float64) + 0.3
+    weights = torch.rand(k, generator=gen, dtype=torch.float64) + 0.5
+    return itd.GaussianMixture(means, stds, weights)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+def within(estimate: torch.Tensor, truth: torch.Tensor, n_se: float = 4.0, slack: float = 0.0):
+    """Assert mean(estimate - truth) is within n_se standard errors (plus slack)."""
+    err = (estimate - truth).double()
+    se = err.std().item() / math.sqrt(len(err))
+    assert abs(err.mean().item()) <= n_se * se + slack, f"bias {err.mean().item():.4f} vs se {se:.4f}"
+
+
+def pytest_configure(config):
+    # Small tensors on a busy 2-core machine run far faster on one thread.
+    torch.set_num_threads(1)
