@@ -8,7 +8,7 @@
 Importing this package does not import diffusers.
 """
 
-from .diffusers import DiffusersDenoiser, eps_from_prediction
+from .diffusers import DiffusersDenoiser, eps_from_prediction, load_unet
 from .iddpm import IDDPMDenoiser, IDDPMUNet
 from .loading import load_into, load_state_dict
 from .registry import ModelSpec, build_denoiser, list_models, model_spec
@@ -27,5 +27,6 @@ __all__ = [
     "list_models",
     "load_into",
     "load_state_dict",
+    "load_unet",
     "model_spec",
 ]

@@ -17,7 +17,7 @@ from torch import nn
 
 from .schedule import LogSNRTimestepMap, _config_dict, diffusers_alphas_cumprod
 
-__all__ = ["DiffusersDenoiser", "eps_from_prediction"]
+__all__ = ["DiffusersDenoiser", "eps_from_prediction", "load_unet"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _SCHEDULER_FILE = "scheduler_config.json"
@@ -121,19 +121,31 @@ class DiffusersDenoiser(nn.Module):
         not a local folder is handed to diffusers as a Hub repo id (needs network).
         The returned denoiser is in eval mode.
         """
-        from diffusers import UNet2DModel
-
+        unet = load_unet(path_or_repo_id, subfolder)
         root = Path(path_or_repo_id)
         if root.is_dir():
             model_dir = _local_model_dir(root, subfolder)
-            unet = UNet2DModel.from_pretrained(str(model_dir), use_safetensors=True)
             scheduler_config = _read_json(_local_scheduler_file(root, model_dir))
         else:
-            if root.exists() or str(path_or_repo_id).startswith((".", "/", "~")):
-                raise FileNotFoundError(f"{path_or_repo_id}: not a diffusers model folder")
-            unet = UNet2DModel.from_pretrained(str(path_or_repo_id), subfolder=subfolder, use_safetensors=True)
             scheduler_config = _remote_scheduler_config(str(path_or_repo_id), subfolder)
-        return cls(unet.eval(), scheduler_config)
+        return cls(unet, scheduler_config).eval()
+
+
+def load_unet(path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = None):
+    """A diffusers UNet2DModel (eval mode) from a saved folder or a Hub repo id, safetensors only.
+
+    Local folders are looked up as in `DiffusersDenoiser.from_pretrained`; anything that
+    is not a local folder is handed to diffusers as a repo id (needs network).
+    """
+    from diffusers import UNet2DModel
+
+    root = Path(path_or_repo_id)
+    if root.is_dir():
+        model_dir = _local_model_dir(root, subfolder)
+        return UNet2DModel.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    if root.exists() or str(path_or_repo_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path_or_repo_id}: not a diffusers model folder")
+    return UNet2DModel.from_pretrained(str(path_or_repo_id), subfolder=subfolder, use_safetensors=True).eval()
 
 
 def _read_json(path: Path) -> dict:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-from .diffusers import DiffusersDenoiser
+from .diffusers import DiffusersDenoiser, load_unet
 from .iddpm import IDDPMDenoiser, IDDPMUNet
 from .loading import load_into, load_state_dict
 
@@ -176,27 +176,30 @@ def _looks_like_repo_id(weights: str) -> bool:
     return len(parts) == 2 and all(parts) and not weights.startswith((".", "~"))
 
 
-def _build_diffusers(spec: ModelSpec, weights: Optional[str | os.PathLike], config_overridden: bool) -> nn.Module:
+def _build_diffusers(spec: ModelSpec, weights: Optional[str | os.PathLike]) -> nn.Module:
+    """UNet2DModel with weights from a file, a saved folder or a Hub repo; spec's schedule."""
     from diffusers import UNet2DModel
 
     path = None if weights is None else Path(weights)
     if path is not None and (path.is_dir() or (not path.exists() and _looks_like_repo_id(str(weights)))):
-        if config_overridden:
-            raise ValueError(f"{spec.name}: architecture overrides cannot be combined with a saved model folder")
-        loaded = DiffusersDenoiser.from_pretrained(str(weights))
-        return DiffusersDenoiser(loaded.unet, {**loaded.scheduler_config, **_schedule_only(spec)})
-    unet = UNet2DModel(**spec.config)
-    if path is None:
-        _warn_random(spec)
+        unet = load_unet(weights)
+        _check_config(spec, unet.config, source=str(weights))
     else:
-        load_into(unet, load_state_dict(path), source=str(path))
+        unet = UNet2DModel(**spec.config)
+        if path is None:
+            _warn_random(spec)
+        else:
+            load_into(unet, load_state_dict(path), source=str(path))
     return DiffusersDenoiser(unet, dict(spec.schedule))
 
 
-def _schedule_only(spec: ModelSpec) -> dict:
-    """Entries of spec.schedule that differ from the registered default (the user's overrides)."""
-    default = _REGISTRY[spec.name].schedule
-    return {k: v for k, v in spec.schedule.items() if default.get(k) != v}
+def _check_config(spec: ModelSpec, config: Mapping[str, Any], source: str) -> None:
+    """ValueError if a saved model's architecture differs from the spec's."""
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    differ = [k for k, v in spec.config.items() if plain(config.get(k)) != plain(v)]
+    if differ:
+        shown = ", ".join(f"{k}={config.get(k)!r} (expected {spec.config[k]!r})" for k in differ[:3])
+        raise ValueError(f"{source} is not a {spec.name} network: {shown}")
 
 
 def _build_iddpm(spec: ModelSpec, weights: Optional[str | os.PathLike]) -> nn.Module:
@@ -214,19 +217,20 @@ def build_denoiser(name: str, weights: Optional[str | os.PathLike] = None, **ove
     Args:
         name: one of `list_models()`.
         weights: a weights file (.safetensors, or a tensors-only .pt/.pth/.bin), a
-            folder written by diffusers' ``save_pretrained`` (diffusers models), or a
-            Hub repo id such as "google/ddpm-cifar10-32" (needs network).  None gives
-            a randomly initialised network, with a warning.
+            folder written by diffusers' ``save_pretrained`` (diffusers models; its
+            architecture must match the spec's), or a Hub repo id such as
+            "google/ddpm-cifar10-32" (needs network).  None gives a randomly
+            initialised network, with a warning.  The noise schedule is always the
+            spec's.
         **overrides: replace entries of the spec's config (e.g. ``dropout=0.0``) or
             schedule (e.g. ``diffusion_steps``, ``prediction_type``).
 
     Returns:
         An nn.Module denoiser with attribute ``model_spec`` (the spec, overrides applied).
     """
-    base = model_spec(name)
-    spec = _apply_overrides(base, overrides)
+    spec = _apply_overrides(model_spec(name), overrides)
     if spec.architecture == _DIFFUSERS_UNET:
-        denoiser = _build_diffusers(spec, weights, config_overridden=dict(spec.config) != dict(base.config))
+        denoiser = _build_diffusers(spec, weights)
     else:
         denoiser = _build_iddpm(spec, weights)
     denoiser.model_spec = spec
