@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -54,13 +55,15 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _load_pickle_weights_only(path: Path):
     """torch.load restricted to tensors and plain containers; refusals become one-line ValueErrors."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"would import {found.group(1)!r}" if found else "holds objects other than tensors"
+        what = f"would import {found.group(1)!r}, which could run code" if found else "uses unsupported pickle features"
         raise ValueError(
-            f"refusing to load {path}: the pickle {what}, which could run code; "
-            "only tensors and plain containers are accepted (convert it to .safetensors where you trust it)"
+            f"refusing to load {path}: the pickle {what}; only tensors and plain containers are "
+            "accepted (convert it to .safetensors where you trust it)"
         ) from None
 
 
