@@ -297,3 +297,15 @@ def test_build_iddpm_from_pt_file(tmp_path):
     assert isinstance(loaded, IDDPMDenoiser) and loaded.diffusion_steps == 4000 and not loaded.training
     with pytest.raises(ValueError, match="missing"):
         build_denoiser("iddpm-cifar10-vlb", weights=tmp_path / "small.pt")  # full-size architecture
+
+
+def test_class_labels_reach_a_class_conditional_unet():
+    unet = tiny_unet(num_class_embeds=4)
+    with torch.no_grad():
+        unet.class_embedding.weight.normal_(generator=torch.Generator().manual_seed(0))
+    denoiser = DiffusersDenoiser(unet, {"num_train_timesteps": 1000})
+    z, logsnr = randn(2, 3, 8, 8, seed=10), torch.tensor([0.0, 0.0])
+    with torch.no_grad():
+        a, b = denoiser(z, logsnr, y=torch.tensor([0, 1])), denoiser(z, logsnr, y=torch.tensor([0, 2]))
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])

@@ -95,16 +95,14 @@ class DiffusersDenoiser(nn.Module):
         """(min, max) log-SNR covered by the training timesteps; clamped outside."""
         return self.timesteps.logsnr_range
 
-    def forward(
-        self, z: torch.Tensor, logsnr: torch.Tensor, class_labels: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z: (B, C, H, W); logsnr: (B,) or scalar -> eps_hat (B, C, H, W).
 
-        `class_labels` (B,) are passed through to class-conditional UNets.
+        `y` (B,) class labels are passed to class-conditional UNets as ``class_labels``.
         """
         logsnr = torch.as_tensor(logsnr, device=z.device).expand(z.shape[0])
         t = self.timesteps(logsnr).float()
-        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        kwargs = {} if y is None else {"class_labels": y}
         out = _output_tensor(self.unet(z, t, **kwargs))
         if out.shape[1] == 2 * z.shape[1]:
             out = out[:, : z.shape[1]]
