@@ -155,7 +155,7 @@ def _apply_overrides(spec: ModelSpec, overrides: dict) -> ModelSpec:
     for key, value in overrides.items():
         if key in config:
             config[key] = value
-        elif key in schedule or (spec.architecture == _DIFFUSERS_UNET and key == "prediction_type"):
+        elif key in schedule:
             schedule[key] = value
         else:
             known = ", ".join(sorted(set(config) | set(schedule)))
@@ -167,7 +167,7 @@ def _warn_random(spec: ModelSpec) -> None:
     warnings.warn(
         f"{spec.name}: no weights given, the network is randomly initialised "
         f"(published weights: {spec.weights})",
-        stacklevel=3,
+        stacklevel=4,  # the caller of build_denoiser
     )
 
 
