@@ -1,3 +1,31 @@
-"""itdiffusion: exact log-likelihoods of diffusion models via the I-MMSE identity."""
+"""itdiffusion: exact log-likelihoods of diffusion models via the I-MMSE identity.
+
+The top level is the math core: it imports only ``torch`` and ``numpy``.  Denoiser
+adapters (``itdiffusion.denoisers``), data, training, plots and the CLI are separate
+modules imported on demand.
+"""
+
+from .analytic import FiniteDiscrete, GaussianMixture
+from .evaluation import evaluate
+from .grid import DiscreteGrid, right_tail_bound
+from .integration import logistic_points, logistic_weights
+from .model import ITDiffusion
+from .results import Estimate, Results, ensemble
+from .spectrum import GaussianSpectrum
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DiscreteGrid",
+    "Estimate",
+    "Results",
+    "ensemble",
+    "evaluate",
+    "FiniteDiscrete",
+    "GaussianMixture",
+    "GaussianSpectrum",
+    "ITDiffusion",
+    "logistic_points",
+    "logistic_weights",
+    "right_tail_bound",
+]

@@ -1,0 +1,242 @@
+"""The test-time protocol: every estimator over a whole data set, at shared log-SNR points."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .grid import DiscreteGrid
+from .model import ITDiffusion, Errors
+from .results import Results, Term
+from .rng import CallLayout, draw_example_noise
+
+_NOISE_BUDGET = 2**24  # noise elements drawn per group of examples
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation (all of them end up in ``Results.config``)."""
+
+    n_points: int = 1000
+    discrete: DiscreteGrid | None = None
+    soft: bool = False
+    dequantize: bool = False
+    clamp: tuple[float, float] | None = None
+    mode: str = "grid"
+    antithetic: bool = True
+    seed: int = 0
+    clip: float | None = None
+    per_sample_curves: bool = False
+
+    def validate(self) -> None:
+        if int(self.n_points) != self.n_points or self.n_points < 1:
+            raise ValueError(f"n_points must be a positive integer, got {self.n_points!r}")
+        if self.mode not in ("grid", "stratified"):
+            raise ValueError(f"evaluation shares its points across examples: mode must be 'grid' or 'stratified', got {self.mode!r}")
+        if self.dequantize and self.discrete is None:
+            raise ValueError("dequantize=True needs the data grid (discrete=DiscreteGrid(...))")
+        if self.soft and self.discrete is None:
+            raise ValueError("soft rounding needs the data grid (discrete=DiscreteGrid(...))")
+
+
+@dataclass
+class _Accumulator:
+    """Per-example pieces gathered batch by batch (numpy, float64)."""
+
+    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        self.parts.setdefault(key, []).append(value.detach().double().cpu().numpy())
+
+    def get(self, key: str) -> np.ndarray:
+        return np.concatenate(self.parts[key])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.parts
+
+
+def _as_tensor(batch) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if isinstance(batch, dict):
+        raise ValueError("batches must be tensors of shape (B, *shape) or (x, label) pairs")
+    return torch.as_tensor(batch)
+
+
+class Evaluator:
+    """Runs :func:`evaluate` one batch at a time (so callers can checkpoint between batches).
+
+    Example indices count from ``index_offset``; an example's noise depends only on the
+    seed and its index, so any split into batches or processes gives the same numbers.
+    """
+
+    def __init__(self, model: ITDiffusion, config: EvalConfig, *, batch_size: int | None = None, index_offset: int = 0):
+        config.validate()
+        self.model, self.config, self.batch_size = model, config, batch_size
+        self.clip = model.clip if config.clip is None else float(config.clip)
+        self.layout = CallLayout(int(config.n_points), config.antithetic)
+        self.logsnr, self.weights = self._shared_points()
+        self.next_index = int(index_offset)
+        self.acc = _Accumulator()
+
+    def _shared_points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.layout.n_strata
+        if self.config.mode == "grid":
+            return self.model.points(m, mode="grid", clip=self.clip)
+        gen = torch.Generator().manual_seed(int(self.config.seed))
+        frac = torch.rand(1, m, generator=gen, dtype=torch.float64)
+        logsnr, weights = self.model.points(m, mode="stratified", clip=self.clip, fractions=frac)
+        return logsnr[0], weights[0]
+
+    @property
+    def n_done(self) -> int:
+        return sum(len(p) for p in self.acc.parts.get("continuous/offset", []))
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Evaluate a batch ``(B, *shape)`` on the model's device and keep its per-example terms."""
+        cfg, model = self.config, self.model
+        model.check_data(x, cfg.discrete)
+        m = self.layout.n_strata
+        group = max(1, _NOISE_BUDGET // (self.layout.n_calls * model.d))
+        for start in range(0, len(x), group):
+            xb = x[start : start + group]
+            first = self.next_index
+            noise = draw_example_noise(cfg.seed, range(first, first + len(xb)), m, model.shape, dtype=xb.dtype,
+                                       device=xb.device, dequantize=cfg.dequantize)
+            self.next_index += len(xb)
+            self._add_pass("continuous", xb, noise.eps, cfg.clamp if cfg.discrete is None else _range(cfg.discrete))
+            if cfg.dequantize:
+                y = xb + cfg.discrete.delta * noise.dequant
+                self._add_pass("dequantized", y, noise.eps, _range(cfg.discrete, widen=True))
+
+    def _add_pass(self, name: str, x: torch.Tensor, eps: torch.Tensor, clamp) -> None:
+        cfg, model = self.config, self.model
+        roundings = ("hard", "soft") if name == "continuous" and cfg.discrete is not None else ()
+        errs = model.stratum_errors(x, self.logsnr, eps, self.layout, batch_size=self.batch_size,
+                                    discrete=cfg.discrete, roundings=roundings, clamp=clamp)
+        self._add_curves(name, errs)
+        self._add_term(name, model.integrand(x, errs, self.logsnr, clip=self.clip))
+        if roundings:
+            rounding = "soft" if cfg.soft else "hard"
+            self._add_term("discrete", model.integrand(x, errs, self.logsnr, discrete=cfg.discrete,
+                                                       rounding=rounding, clip=self.clip))
+
+    def _add_curves(self, name: str, errs: Errors) -> None:
+        suffix = "" if name == "continuous" else "_" + name
+        self.acc.add(f"curve/mmse{suffix}", errs.raw)
+        self.acc.add(f"curve/mmse_gauss{suffix}", errs.gauss)
+        for key in ("hard", "soft"):
+            if getattr(errs, key) is not None:
+                self.acc.add(f"curve/mmse_{key}{suffix}", getattr(errs, key))
+
+    def _add_term(self, name: str, terms) -> None:
+        w = self.weights.to(terms.values.device)
+        self.acc.add(f"{name}/offset", terms.offset)
+        self.acc.add(f"{name}/integrand", terms.values)
+        self.acc.add(f"{name}/gauss", terms.gauss)
+        self.acc.add(f"{name}/nll", terms.nll(w))
+
+    def results(self) -> Results:
+        """Combine everything evaluated so far into :class:`Results`."""
+        if self.n_done == 0:
+            raise ValueError("no examples were evaluated (empty data)")
+        weights = self.weights.double().cpu().numpy()
+        names = sorted({key.split("/")[0] for key in self.acc.parts if not key.startswith("curve/")},
+                       key=["continuous", "discrete", "dequantized"].index)
+        terms = {name: self._term(name, weights) for name in names}
+        curves = {k.split("/", 1)[1]: self.acc.get(k).mean(0) for k in self.acc.parts if k.startswith("curve/")}
+        curves["mmse_gauss_analytic"] = self.model.spectrum.mmse(self.logsnr.double()).cpu().numpy()
+        return Results(
+            logsnr=self.logsnr.double().cpu().numpy(), weights=weights, shape=self.model.shape,
+            n_examples=self.n_done, config=self._config_dict(), curves=curves, terms=terms,
+        )
+
+    def _term(self, name: str, weights: np.ndarray) -> Term:
+        integrand, gauss = self.acc.get(f"{name}/integrand"), self.acc.get(f"{name}/gauss")
+        offset = self.acc.get(f"{name}/offset")
+        use_model = integrand.mean(0) <= gauss.mean(0)
+        chosen = np.where(use_model, integrand, gauss)
+        keep = self.config.per_sample_curves
+        return Term(
+            offset=offset, integrand_mean=integrand.mean(0), gauss_mean=gauss.mean(0),
+            nll=self.acc.get(f"{name}/nll"), nll_clamped=offset + 0.5 * (chosen * weights).sum(-1),
+            integrand=integrand.astype(np.float32) if keep else None,
+            gauss=gauss.astype(np.float32) if keep else None,
+        )
+
+    def _config_dict(self) -> dict:
+        cfg, model = self.config, self.model
+        grid = cfg.discrete
+        lo, hi = model.logsnr_range(self.clip)
+        return {
+            "n_points": self.layout.n_calls, "n_strata": self.layout.n_strata, "antithetic": cfg.antithetic,
+            "mode": cfg.mode, "seed": cfg.seed, "loc": model.loc, "scale": model.scale, "clip": self.clip,
+            "logsnr_range": [lo, hi], "soft": cfg.soft, "dequantize": cfg.dequantize,
+            "clamp": list(cfg.clamp) if cfg.clamp else None,
+            "grid": None if grid is None else {"lo": grid.lo, "hi": grid.hi, "levels": grid.levels, "delta": grid.delta},
+            "calls_per_example": self.layout.n_calls * (2 if cfg.dequantize else 1),
+            "gaussian_entropy_nats": model.spectrum.entropy(),
+        }
+
+
+def _range(grid: DiscreteGrid, widen: bool = False) -> tuple[float, float]:
+    pad = 0.5 * grid.delta if widen else 0.0
+    return grid.lo - pad, grid.hi + pad
+
+
+def evaluate(
+    model: ITDiffusion,
+    batches: Iterable,
+    n_points: int = 1000,
+    *,
+    discrete: DiscreteGrid | None = None,
+    soft: bool = False,
+    dequantize: bool = False,
+    clamp: tuple[float, float] | None = None,
+    mode: str = "grid",
+    antithetic: bool = True,
+    seed: int = 0,
+    clip: float | None = None,
+    per_sample_curves: bool = False,
+    batch_size: int | None = None,
+    index_offset: int = 0,
+    callback: Callable[[int], None] | None = None,
+) -> Results:
+    """Every estimator of the paper's test protocol over a data set.
+
+    All examples share ``ceil(n_points / 2)`` log-SNR points (each visited by an antithetic
+    pair of calls, or ``n_points`` points without pairs), placed on the quantile grid of the
+    model's proposal (``mode="grid"``) or by one stratified draw from ``seed``.
+
+    Args:
+        model: the :class:`ITDiffusion` to evaluate (its device is used).
+        batches: iterable of ``(B, *shape)`` tensors (or ``(x, label)`` pairs).
+        n_points: network calls per example for each pass.
+        discrete: the data grid; adds the discrete bound (hard- or ``soft``-rounded ``x_hat``
+            from the same call) and clamps ``x_hat`` to the grid's range.
+        dequantize: also estimate ``-log p(x + u)`` with uniform ``u`` of one grid step
+            (a second network call per point) and its discrete limit.
+        clamp: interval to clamp ``x_hat`` into for continuous data.
+        per_sample_curves: keep ``(N, m)`` per-example integrands in the results (needed for
+            standard errors of ensembles).
+        batch_size: (example, point) pairs per network call.
+        index_offset: index of the first example (for sharding across processes).
+        callback: called with the number of examples done after every batch.
+
+    Returns:
+        :class:`Results`.
+    """
+    config = EvalConfig(n_points=n_points, discrete=discrete, soft=soft, dequantize=dequantize, clamp=clamp,
+                        mode=mode, antithetic=antithetic, seed=seed, clip=clip, per_sample_curves=per_sample_curves)
+    evaluator = Evaluator(model, config, batch_size=batch_size, index_offset=index_offset)
+    device = next((b.device for b in model.buffers()), torch.device("cpu"))
+    for batch in batches:
+        evaluator.add_batch(_as_tensor(batch).to(device))
+        if callback is not None:
+            callback(evaluator.n_done)
+    return evaluator.results()

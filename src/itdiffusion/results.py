@@ -1,0 +1,290 @@
+"""Typed evaluation results: estimates with standard errors, curves, files and tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import _io
+
+FORMAT = "itdiffusion.results"
+VERSION = 1
+LN2 = math.log(2.0)
+
+# Row order and labels of tables.
+ESTIMATE_LABELS = {
+    "continuous": "Continuous -log p(x)",
+    "continuous_clamped": "Continuous, Gaussian-clamped",
+    "discrete": "Discrete -log P(x) (upper bound)",
+    "discrete_clamped": "Discrete, Gaussian-clamped",
+    "dequantized": "Dequantized -log p(x+u)",
+    "dequantized_clamped": "Dequantized, Gaussian-clamped",
+    "dequantized_discrete": "Dequantized, discrete limit",
+    "dequantized_discrete_clamped": "Dequantized, discrete limit, clamped",
+}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean negative log-likelihood over a data set, with its standard error.
+
+    ``nats`` is per example; ``bpd`` divides by ``d ln 2``.  ``se_nats`` is NaN when it
+    cannot be computed (an ensemble without per-sample curves).
+    """
+
+    nats: float
+    se_nats: float
+    d: int
+
+    @property
+    def bpd(self) -> float:
+        return self.nats / (self.d * LN2)
+
+    @property
+    def se_bpd(self) -> float:
+        return self.se_nats / (self.d * LN2)
+
+    @classmethod
+    def from_samples(cls, values: np.ndarray, d: int) -> "Estimate":
+        values = np.asarray(values, dtype=np.float64)
+        se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+        return cls(float(values.mean()), float(se), d)
+
+
+@dataclass
+class Term:
+    """One estimator over a data set of ``N`` examples at ``m`` shared log-SNR points.
+
+    Per example: ``nll = offset + shift + 1/2 sum_i weights_i * integrand_i``.  The
+    Gaussian-clamped version replaces, at each point where the data-set mean of
+    ``integrand`` exceeds that of ``gauss`` (the Gaussian denoiser's own integrand), the
+    integrand by ``gauss``.
+
+    Attributes:
+        offset: ``(N,)`` closed-form part, nats.
+        integrand_mean, gauss_mean: ``(m,)`` data-set means.
+        nll, nll_clamped: ``(N,)`` per-example estimates, nats.
+        integrand, gauss: ``(N, m)`` per-example curves, or ``None`` if not kept.
+        shift: constant added to every example (``-d log delta`` for a discrete limit).
+    """
+
+    offset: np.ndarray
+    integrand_mean: np.ndarray
+    gauss_mean: np.ndarray
+    nll: np.ndarray
+    nll_clamped: np.ndarray
+    integrand: np.ndarray | None = None
+    gauss: np.ndarray | None = None
+    shift: float = 0.0
+
+    @property
+    def has_curves(self) -> bool:
+        return self.integrand is not None and self.gauss is not None
+
+
+@dataclass
+class Results:
+    """What :func:`itdiffusion.evaluate` measured on a data set.
+
+    Attributes:
+        logsnr, weights: ``(m,)`` shared points and integration weights (sum form).
+        shape: shape of one example; ``d = prod(shape)``.
+        n_examples: number of examples evaluated.
+        config: how it was measured (JSON-able): loc, scale, clip, mode, seed, grid, ...
+        curves: ``(m,)`` data-set mean curves for plots: ``mmse`` (the model's raw error),
+            ``mmse_gauss`` (the Gaussian denoiser on the same noise), ``mmse_gauss_analytic``
+            (the Gaussian's mmse curve), and where measured ``mmse_hard``, ``mmse_soft``,
+            ``mmse_dequantized``.
+        terms: :class:`Term` per estimator: ``continuous``, ``discrete``, ``dequantized``.
+    """
+
+    logsnr: np.ndarray
+    weights: np.ndarray
+    shape: tuple[int, ...]
+    n_examples: int
+    config: dict
+    curves: dict[str, np.ndarray]
+    terms: dict[str, Term]
+    members: list[str] = field(default_factory=list)
+
+    @property
+    def d(self) -> int:
+        return int(np.prod(self.shape))
+
+    # ----------------------------------------------------------------- estimates
+    def estimates(self) -> dict[str, Estimate]:
+        """Every estimate, in table order (see ``ESTIMATE_LABELS``)."""
+        out = {}
+        for name, term in self.terms.items():
+            out[name] = self._estimate(term, clamped=False)
+            out[name + "_clamped"] = self._estimate(term, clamped=True)
+        if "dequantized" in self.terms:
+            shift = -self.d * math.log(self.config["grid"]["delta"])
+            for suffix in ("", "_clamped"):
+                est = out["dequantized" + suffix]
+                out["dequantized_discrete" + suffix] = replace(est, nats=est.nats + shift)
+        return {k: out[k] for k in ESTIMATE_LABELS if k in out}
+
+    def _estimate(self, term: Term, clamped: bool) -> Estimate:
+        values = term.nll_clamped if clamped else term.nll
+        if np.isfinite(values).all():
+            return Estimate.from_samples(values + term.shift, self.d)
+        curve = np.minimum(term.integrand_mean, term.gauss_mean) if clamped else term.integrand_mean
+        nats = term.offset.mean() + term.shift + 0.5 * float((self.weights * curve).sum())
+        return Estimate(float(nats), math.nan, self.d)
+
+    def __getitem__(self, name: str) -> Estimate:
+        estimates = self.estimates()
+        if name not in estimates:
+            raise KeyError(f"no estimate {name!r}; have {list(estimates)}")
+        return estimates[name]
+
+    # ----------------------------------------------------------------- tables
+    def to_markdown(self, title: str | None = None) -> str:
+        """The estimates as a Markdown table (nats and bits/dim with standard errors)."""
+        lines = [f"**{title}**", ""] if title else []
+        lines += ["| Estimate | nats | ± se | bits/dim | ± se |", "|---|---:|---:|---:|---:|"]
+        for name, est in self.estimates().items():
+            lines.append(
+                f"| {ESTIMATE_LABELS[name]} | {est.nats:.4f} | {_fmt(est.se_nats)} | {est.bpd:.4f} | {_fmt(est.se_bpd)} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def to_latex(self, caption: str | None = None) -> str:
+        """The estimates as a LaTeX ``tabular`` (bits/dim with standard errors)."""
+        rows = [r"\begin{tabular}{lr}", r"\toprule", r"Estimate & bits/dim \\", r"\midrule"]
+        for name, est in self.estimates().items():
+            se = "" if math.isnan(est.se_bpd) else rf" $\pm$ {est.se_bpd:.4f}"
+            rows.append(rf"{ESTIMATE_LABELS[name]} & {est.bpd:.4f}{se} \\")
+        rows += [r"\bottomrule", r"\end{tabular}"]
+        if caption:
+            rows = [r"\begin{table}", r"\centering", *rows, rf"\caption{{{caption}}}", r"\end{table}"]
+        return re.sub(r"-log (\w)\(([^)]*)\)", r"$-\\log \1(\2)$", "\n".join(rows)) + "\n"
+
+    def summary(self) -> dict:
+        """JSON-able estimates: ``{name: {nats, se_nats, bpd, se_bpd}}``."""
+        return {
+            name: {"nats": e.nats, "se_nats": e.se_nats, "bpd": e.bpd, "se_bpd": e.se_bpd}
+            for name, e in self.estimates().items()
+        }
+
+    # ----------------------------------------------------------------- files
+    def save(self, path) -> None:
+        """Write ``path`` (JSON: config and estimates) and its arrays beside it (same name, ``.npz``).
+
+        Both are written atomically and carry no pickle.
+        """
+        path = Path(path)
+        arrays = {"logsnr": self.logsnr, "weights": self.weights}
+        arrays.update({f"curve/{k}": v for k, v in self.curves.items()})
+        for name, term in self.terms.items():
+            for key in ("offset", "integrand_mean", "gauss_mean", "nll", "nll_clamped", "integrand", "gauss"):
+                value = getattr(term, key)
+                if value is not None:
+                    arrays[f"term/{name}/{key}"] = np.asarray(value)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "shape": list(self.shape),
+            "n_examples": self.n_examples,
+            "config": self.config,
+            "members": self.members,
+            "shifts": {name: term.shift for name, term in self.terms.items()},
+            "estimates": self.summary(),
+        }
+        arrays["meta"] = np.frombuffer(json.dumps(_io._json_safe(meta)).encode(), dtype=np.uint8)
+        _io.save_npz_atomic(_npz_path(path), arrays)
+        _io.save_json_atomic(path, meta)
+
+    @classmethod
+    def load(cls, path) -> "Results":
+        """Read results written by :meth:`save` (give the ``.json`` or the ``.npz`` path)."""
+        path = Path(path)
+        arrays = _io.load_npz(_npz_path(path))
+        meta = _io.read_meta(arrays, _npz_path(path), FORMAT, VERSION)
+        try:
+            terms = {}
+            for name, shift in meta["shifts"].items():
+                get = lambda key: arrays.get(f"term/{name}/{key}")  # noqa: E731
+                terms[name] = Term(
+                    offset=get("offset"), integrand_mean=get("integrand_mean"), gauss_mean=get("gauss_mean"),
+                    nll=get("nll"), nll_clamped=get("nll_clamped"), integrand=get("integrand"),
+                    gauss=get("gauss"), shift=float(shift),
+                )
+            curves = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("curve/")}
+            return cls(
+                logsnr=arrays["logsnr"], weights=arrays["weights"], shape=tuple(meta["shape"]),
+                n_examples=int(meta["n_examples"]), config=meta["config"], curves=curves, terms=terms,
+                members=list(meta.get("members", [])),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a valid results file ({err})") from None
+
+
+def _npz_path(path: Path) -> Path:
+    return path.with_suffix(".npz")
+
+
+def _fmt(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.4f}"
+
+
+def _clamped_per_sample(term: Term, weights: np.ndarray, use_model: np.ndarray) -> np.ndarray:
+    chosen = np.where(use_model, term.integrand, term.gauss)
+    return term.offset + 0.5 * (chosen * weights).sum(-1)
+
+
+def ensemble(*results: Results, names: list[str] | None = None) -> Results:
+    """Per-point minimum of the members' mean curves (the Gaussian included).
+
+    The mmse is a minimum over all denoisers, so at every log-SNR the best member still
+    gives a valid estimate.  Choosing the minimum on the evaluated data is slightly
+    optimistic.  Members must share the log-SNR points, the data and the Gaussian
+    reference (their offsets must agree).  Standard errors are computed when every
+    member kept per-sample curves (``per_sample_curves=True``), else they are NaN.
+    """
+    if not results:
+        raise ValueError("ensemble needs at least one Results")
+    first = results[0]
+    for other in results[1:]:
+        if other.logsnr.shape != first.logsnr.shape or not np.allclose(other.logsnr, first.logsnr):
+            raise ValueError("ensemble members must share the same log-SNR points (same n_points, loc, scale, clip, mode)")
+        if other.n_examples != first.n_examples or other.shape != first.shape:
+            raise ValueError("ensemble members must be evaluated on the same data")
+    common = [name for name in first.terms if all(name in r.terms for r in results)]
+    terms = {name: _ensemble_term([r.terms[name] for r in results], first.weights) for name in common}
+    curves = {
+        key: np.minimum.reduce([r.curves[key] for r in results] + [first.curves["mmse_gauss"]])
+        for key in first.curves
+        if all(key in r.curves for r in results)
+    }
+    labels = names or [r.config.get("model", f"member {i}") for i, r in enumerate(results)]
+    return replace(first, curves=curves, terms=terms, members=list(labels), config={**first.config, "model": "ensemble"})
+
+
+def _ensemble_term(members: list[Term], weights: np.ndarray) -> Term:
+    offset = members[0].offset
+    for m in members[1:]:
+        if not np.allclose(m.offset, offset, rtol=1e-6, atol=1e-6):
+            raise ValueError("ensemble members use different Gaussian references (spectra) or data")
+    stacked = np.stack([m.integrand_mean for m in members])
+    best = stacked.argmin(0)
+    integrand_mean = stacked.min(0)
+    gauss_mean = members[0].gauss_mean
+    nll = nll_clamped = np.full_like(offset, np.nan)
+    integrand = gauss = None
+    if all(m.has_curves for m in members):
+        per = np.stack([m.integrand for m in members])  # (M, N, m)
+        integrand = np.take_along_axis(per, best[None, None, :].repeat(per.shape[1], 1), 0)[0]
+        gauss = members[0].gauss
+        nll = offset + 0.5 * (integrand * weights).sum(-1)
+    term = Term(offset=offset, integrand_mean=integrand_mean, gauss_mean=gauss_mean, nll=nll, nll_clamped=nll_clamped,
+                integrand=integrand, gauss=gauss, shift=members[0].shift)
+    if integrand is not None:
+        term.nll_clamped = _clamped_per_sample(term, weights, integrand_mean <= gauss_mean)
+    return term
