@@ -1,0 +1,32 @@
+"""Pretrained denoisers as ``f(z, logsnr) -> eps_hat``.
+
+* `IDDPMUNet` / `IDDPMDenoiser`: OpenAI improved-diffusion networks (checkpoint-compatible).
+* `DiffusersDenoiser`: any diffusers ``UNet2DModel`` with its DDPM-family schedule.
+* `build_denoiser` / `list_models`: named pretrained models (architecture, schedule, data format).
+* `load_state_dict` / `load_into`: weights loading that never runs code from a file.
+
+Importing this package does not import diffusers.
+"""
+
+from .diffusers import DiffusersDenoiser, eps_from_prediction, load_unet
+from .iddpm import IDDPMDenoiser, IDDPMUNet
+from .loading import load_into, load_state_dict
+from .registry import ModelSpec, build_denoiser, list_models, model_spec
+from .schedule import LogSNRTimestepMap, diffusers_alphas_cumprod, iddpm_alphas_cumprod
+
+__all__ = [
+    "DiffusersDenoiser",
+    "IDDPMDenoiser",
+    "IDDPMUNet",
+    "LogSNRTimestepMap",
+    "ModelSpec",
+    "build_denoiser",
+    "diffusers_alphas_cumprod",
+    "eps_from_prediction",
+    "iddpm_alphas_cumprod",
+    "list_models",
+    "load_into",
+    "load_state_dict",
+    "load_unet",
+    "model_spec",
+]
