@@ -17,7 +17,7 @@ from .rng import CallLayout, draw_example_noise, seed_from
 from .spectrum import GaussianSpectrum
 
 DEFAULT_CLIP = 10.0  # half-width of the log-SNR range, in logistic scales (evaluation)
-DEFAULT_TRAIN_CLIP = 4.0  # same, for the stochastic training objective
+DEFAULT_TRAIN_CLIP = 10.0  # same, for the stochastic training objective
 DISCRETE_SPLIT = 0.0  # where the discrete estimator stops using the Gaussian control variate, in scales from loc
 ROUNDINGS = ("none", "hard", "soft")
 _NOISE_BUDGET = 2**24  # elements of noise drawn at once when estimating (per group of examples)

@@ -175,7 +175,8 @@ def _run_epoch(model, optimizer, x_train, config, epoch, device, progress) -> fl
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True)
 
 
 def _save(out: Path, model, optimizer, epoch, config, history, meta) -> None:

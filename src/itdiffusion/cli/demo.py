@@ -28,6 +28,5 @@ def run(args: argparse.Namespace) -> int:
     name = args.dataset or DEFAULT_DATASET
     if name not in list_datasets():
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(list_datasets())}")
-    log = (lambda *a, **k: None) if args.quiet else print
-    run_demo(name, epochs=args.epochs, out=args.out, seed=args.seed, progress=not args.quiet, log=log)
+    run_demo(name, epochs=args.epochs, out=args.out, seed=args.seed, progress=not args.quiet, verbose=not args.quiet)
     return 0
