@@ -39,6 +39,7 @@ SOLVERS = ("euler", "heun", "rk4", "dopri5")
 EXACT_TRACE_MAX_D = 16  # "auto" trace: exact up to this dimension, Hutchinson above
 ODE_SCALE_FACTOR = 2.0  # ODE time is a logistic quantile of scale ODE_SCALE_FACTOR * scale (see ode_nll)
 _MAX_ELEMENTS = 2**22  # elements per chunk in grid-decoder computations
+_NOISE_PER_EXAMPLE = 2**16  # noise elements drawn per example at a time (discrete-time bound)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DenoiserWithVariance = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -372,7 +373,9 @@ def vlb_discrete(
     index, weights = _strata_steps(schedule.steps, n_calls, gens, x.device)
     step = int(batch_size or 4096)
     kwargs = dict(variance=variance, grid=grid, clamp=clamp)
-    chunk = max(1, step // max(1, len(x)))  # steps per chunk, all examples at once
+    # Steps per chunk depend only on d, so every example's noise stream is read in the
+    # same pieces whatever the batch (torch's normal draws depend on the request size).
+    chunk = max(1, _NOISE_PER_EXAMPLE // math.prod(x.shape[1:]))
     terms = torch.cat([
         _chunk_terms(x, index[:, s : s + chunk], gens, schedule, denoiser, step, **kwargs)
         for s in range(0, index.shape[1], chunk)
