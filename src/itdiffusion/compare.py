@@ -174,12 +174,16 @@ class Comparison:
         lines += ["", f"{self.n_examples} examples, d = {self.d}; {kind}; se = standard error over examples."]
         return "\n".join(lines) + "\n"
 
-    def save(self, path, per_example: bool = False) -> tuple[Path, Path]:
-        """Write ``path`` (JSON) and the Markdown table beside it (``.md``), each atomically."""
+    def save(self, path, *, title: str | None = None, meta: dict | None = None,
+             per_example: bool = False) -> tuple[Path, Path]:
+        """Write ``path`` (JSON, with ``meta`` merged in) and the Markdown table beside it
+        (same name, ``.md``), each atomically.  Returns both paths."""
         path = Path(path)
-        md_path = path.with_suffix(".md") if path.suffix != ".md" else path.with_suffix(".md.md")
-        _io.save_json_atomic(path, self.to_dict(per_example))
-        text = self.to_markdown()
+        if path.suffix == ".md":
+            raise ValueError(f"{path}: give the JSON path; the Markdown table is written beside it")
+        md_path = path.with_suffix(".md")
+        _io.save_json_atomic(path, {**(meta or {}), **self.to_dict(per_example)})
+        text = self.to_markdown(title)
         _io.write_atomic(md_path, lambda fh: fh.write(text.encode()))
         return path, md_path
 
