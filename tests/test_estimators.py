@@ -203,3 +203,31 @@ def test_state_dict_carries_the_spectrum(gen):
     other = itd.ITDiffusion(mix, itd.GaussianSpectrum.isotropic((4,)))
     other.load_state_dict(state)
     assert torch.equal(other.spectrum.log_eigs, spec.log_eigs) and other.loc == model.loc
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 64, 3072])
+def test_chi2_antithetic_radius_is_exactly_chi2(d):
+    from itdiffusion.rng import chi2_antithetic
+
+    gen = torch.Generator().manual_seed(d)
+    r2 = (torch.randn(4000, d, generator=gen, dtype=torch.float64) ** 2).sum(1)
+    mirrored = chi2_antithetic(r2, d)
+    a = torch.tensor(d / 2, dtype=torch.float64)
+    # F(r') = 1 - F(r): the CDF values mirror exactly, far into both tails
+    assert torch.allclose(torch.special.gammainc(a, mirrored / 2), torch.special.gammaincc(a, r2 / 2), atol=1e-10)
+    assert torch.allclose(chi2_antithetic(mirrored, d), r2, rtol=1e-8)
+    extreme = torch.tensor([1e-9 * d, 1e-3 * d, 5.0 * d + 60, 50.0 * d], dtype=torch.float64)
+    assert torch.isfinite(chi2_antithetic(extreme, d)).all()
+
+
+def test_antithetic_layout_noise_is_standard_normal():
+    from itdiffusion.rng import CallLayout
+
+    layout = CallLayout(8, antithetic=True)
+    eps = torch.randn(3000, 2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = layout.call_noise(eps)
+    assert calls.shape == (3000, 8, 5) and torch.equal(calls[:, 1], -calls[:, 0])
+    flat = calls[:, 2]  # the mirrored-radius draw: still N(0, I)
+    assert abs(flat.mean().item()) < 0.03 and abs(flat.var().item() - 1) < 0.03
+    odd = CallLayout(6, antithetic=True)
+    assert odd.n_strata == 2 and odd.stratum().tolist() == [0, 0, 0, 0, 1, 1]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .grid import DiscreteGrid
-from .model import ITDiffusion, Errors
+from .model import Errors, ITDiffusion, default_antithetic
 from .results import Results, Term
 from .rng import CallLayout, draw_example_noise
 
@@ -27,7 +27,7 @@ class EvalConfig:
     dequantize: bool = False
     clamp: tuple[float, float] | None = None
     mode: str = "grid"
-    antithetic: bool = True
+    antithetic: bool | None = None
     seed: int = 0
     clip: float | None = None
     per_sample_curves: bool = False
@@ -78,7 +78,8 @@ class Evaluator:
         config.validate()
         self.model, self.config, self.batch_size = model, config, batch_size
         self.clip = model.clip if config.clip is None else float(config.clip)
-        self.layout = CallLayout(int(config.n_points), config.antithetic)
+        antithetic = default_antithetic(config.discrete) if config.antithetic is None else config.antithetic
+        self.layout = CallLayout(int(config.n_points), antithetic)
         self.logsnr, self.weights = self._shared_points()
         self.next_index = int(index_offset)
         self.acc = _Accumulator()
@@ -174,7 +175,7 @@ class Evaluator:
         grid = cfg.discrete
         lo, hi = model.logsnr_range(self.clip)
         return {
-            "n_points": self.layout.n_calls, "n_strata": self.layout.n_strata, "antithetic": cfg.antithetic,
+            "n_points": self.layout.n_calls, "n_strata": self.layout.n_strata, "antithetic": self.layout.antithetic,
             "mode": cfg.mode, "seed": cfg.seed, "loc": model.loc, "scale": model.scale, "clip": self.clip,
             "logsnr_range": [lo, hi], "soft": cfg.soft, "dequantize": cfg.dequantize,
             "clamp": list(cfg.clamp) if cfg.clamp else None,
@@ -199,7 +200,7 @@ def evaluate(
     dequantize: bool = False,
     clamp: tuple[float, float] | None = None,
     mode: str = "grid",
-    antithetic: bool = True,
+    antithetic: bool | None = None,
     seed: int = 0,
     clip: float | None = None,
     per_sample_curves: bool = False,
@@ -209,9 +210,11 @@ def evaluate(
 ) -> Results:
     """Every estimator of the paper's test protocol over a data set.
 
-    All examples share ``ceil(n_points / 2)`` log-SNR points (each visited by an antithetic
-    pair of calls, or ``n_points`` points without pairs), placed on the quantile grid of the
-    model's proposal (``mode="grid"``) or by one stratified draw from ``seed``.
+    All examples share ``ceil(n_points / 4)`` log-SNR points, each visited by a group of
+    four antithetic noise draws (or ``n_points`` points with ``antithetic=False``, the
+    default for discrete data: see :func:`itdiffusion.model.default_antithetic`), placed
+    on the quantile grid of the model's proposal (``mode="grid"``) or by one stratified
+    draw from ``seed``.
 
     Args:
         model: the :class:`ITDiffusion` to evaluate (its device is used).

@@ -234,13 +234,8 @@ def _fmt(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.4f}"
 
 
-def _clamped_per_sample(term: Term, weights: np.ndarray, use_model: np.ndarray) -> np.ndarray:
-    chosen = np.where(use_model, term.integrand, term.gauss)
-    return term.offset + 0.5 * (chosen * weights).sum(-1)
-
-
 def ensemble(*results: Results, names: list[str] | None = None) -> Results:
-    """Per-point minimum of the members' mean curves (the Gaussian included).
+    """Per-point minimum of the members' mean curves, the Gaussian denoiser included.
 
     The mmse is a minimum over all denoisers, so at every log-SNR the best member still
     gives a valid estimate.  Choosing the minimum on the evaluated data is slightly
@@ -272,19 +267,14 @@ def _ensemble_term(members: list[Term], weights: np.ndarray) -> Term:
     for m in members[1:]:
         if not np.allclose(m.offset, offset, rtol=1e-6, atol=1e-6):
             raise ValueError("ensemble members use different Gaussian references (spectra) or data")
-    stacked = np.stack([m.integrand_mean for m in members])
-    best = stacked.argmin(0)
-    integrand_mean = stacked.min(0)
     gauss_mean = members[0].gauss_mean
-    nll = nll_clamped = np.full_like(offset, np.nan)
-    integrand = gauss = None
+    candidates = np.stack([m.integrand_mean for m in members] + [gauss_mean])  # the Gaussian is last
+    best = candidates.argmin(0)
+    term = Term(offset=offset, integrand_mean=candidates.min(0), gauss_mean=gauss_mean,
+                nll=np.full_like(offset, np.nan), nll_clamped=np.full_like(offset, np.nan), shift=members[0].shift)
     if all(m.has_curves for m in members):
-        per = np.stack([m.integrand for m in members])  # (M, N, m)
-        integrand = np.take_along_axis(per, best[None, None, :].repeat(per.shape[1], 1), 0)[0]
-        gauss = members[0].gauss
-        nll = offset + 0.5 * (integrand * weights).sum(-1)
-    term = Term(offset=offset, integrand_mean=integrand_mean, gauss_mean=gauss_mean, nll=nll, nll_clamped=nll_clamped,
-                integrand=integrand, gauss=gauss, shift=members[0].shift)
-    if integrand is not None:
-        term.nll_clamped = _clamped_per_sample(term, weights, integrand_mean <= gauss_mean)
+        per = np.stack([m.integrand for m in members] + [members[0].gauss])  # (M + 1, N, m)
+        term.integrand = np.take_along_axis(per, best[None, None, :].repeat(per.shape[1], 1), 0)[0]
+        term.gauss = members[0].gauss
+        term.nll = term.nll_clamped = offset + 0.5 * (term.integrand * weights).sum(-1)
     return term

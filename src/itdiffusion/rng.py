@@ -5,13 +5,14 @@ its noise does not depend on the batch size, on how points are chunked or on how
 processes share the work.  An example's stream is always read in the same order:
 
 1. ``m`` uniform fractions (float64) that stratify its ``m`` log-SNR points;
-2. ``k`` noise draws ``eps`` of the example's shape (``k = m``; with antithetic pairs the
-   ``2m`` network calls use ``+eps`` and ``-eps`` of the same ``m`` draws);
+2. ``m`` noise draws ``eps`` of the example's shape (antithetic calls reuse them, see
+   :class:`CallLayout`);
 3. one uniform dequantization offset of the example's shape.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,35 +77,84 @@ def draw_example_noise(
     )
 
 
+def _chi2_log_pdf(x: torch.Tensor, d: int) -> torch.Tensor:
+    half = 0.5 * d
+    return (half - 1) * torch.log(x) - 0.5 * x - half * math.log(2.0) - math.lgamma(half)
+
+
+def chi2_antithetic(r2: torch.Tensor, d: int, iterations: int = 60) -> torch.Tensor:
+    """The chi-square(``d``) quantile mirrored about the median: ``F^-1(1 - F(r2))`` (float64).
+
+    If ``r2 ~ chi2(d)`` so is the result.  Solved by Newton's method on the log of the
+    tail probability that is small (accurate far into both tails), from the
+    Wilson-Hilferty approximation.  Radii whose tail probability underflows float64 are
+    returned unchanged.
+    """
+    r2 = r2.double()
+    a = torch.tensor(0.5 * d, dtype=torch.float64, device=r2.device)
+    lower, upper = torch.special.gammainc(a, 0.5 * r2), torch.special.gammaincc(a, 0.5 * r2)
+    use_upper = lower < 0.5  # target: upper tail of the result equals `lower` (small)
+    log_target = torch.log(torch.where(use_upper, lower, upper).clamp_min(1e-300))
+    k = 2.0 / (9.0 * d)
+    z = (torch.pow(r2 / d, 1.0 / 3.0) - (1 - k)) / math.sqrt(k)
+    log_x = torch.log((d * (1 - k - z * math.sqrt(k)) ** 3).clamp_min(1e-12))
+    for _ in range(iterations):
+        x = torch.exp(log_x)
+        tail = torch.where(use_upper, torch.special.gammaincc(a, 0.5 * x), torch.special.gammainc(a, 0.5 * x))
+        # d log(tail) / d log(x) = -/+ x pdf(x) / tail
+        slope = torch.exp(_chi2_log_pdf(x, d) + log_x - torch.log(tail.clamp_min(1e-300)))
+        slope = torch.where(use_upper, -slope, slope)
+        step = (torch.log(tail.clamp_min(1e-300)) - log_target) / slope
+        log_x = log_x - step.clamp(-2.0, 2.0)
+        if bool((step.abs() < 1e-13).all()):
+            break
+    # Beyond float64's tail probabilities (p < 1e-300, never met by real draws) keep the radius.
+    result = torch.exp(log_x)
+    return torch.where(torch.isfinite(result) & (lower > 1e-290) & (upper > 1e-290), result, r2)
+
+
 @dataclass(frozen=True)
 class CallLayout:
-    """How ``n_calls`` network calls per example map onto ``n_strata`` log-SNR points.
+    """How ``n_calls`` network calls per example map onto log-SNR points and noise draws.
 
-    With antithetic pairs, calls ``2j`` and ``2j + 1`` share point ``j`` and noise draw ``j``
-    with signs ``+1`` and ``-1`` (an odd last call stands alone): the part of the error
-    that is odd in ``eps`` cancels within each pair.
+    With ``antithetic`` (default), calls come in groups of four at one point: ``+eps``,
+    ``-eps``, ``+eps'`` and ``-eps'``, where ``eps' = eps * r'/r`` has the same direction
+    and the chi-square radius ``r'`` mirrored about the median (:func:`chi2_antithetic`).
+    Each call's noise is exactly ``N(0, I)``; within a group, the part of the error that is
+    odd in ``eps`` cancels, and so does the part linear in ``||eps||^2``, which dominates
+    the variance at high log-SNR.  A trailing group may be shorter.
     """
 
     n_calls: int
-    antithetic: bool
+    antithetic: bool = True
+
+    @property
+    def group(self) -> int:
+        return 4 if self.antithetic else 1
 
     @property
     def n_strata(self) -> int:
-        return (self.n_calls + 1) // 2 if self.antithetic else self.n_calls
+        return -(-self.n_calls // self.group)
 
     def stratum(self, device=None) -> torch.Tensor:
-        """Point (and noise) index of each call, ``(n_calls,)`` long."""
-        calls = torch.arange(self.n_calls, device=device)
-        return calls // 2 if self.antithetic else calls
+        """Point (and noise draw) index of each call, ``(n_calls,)`` long."""
+        return torch.arange(self.n_calls, device=device) // self.group
 
-    def sign(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """``+1``/``-1`` noise sign of each call, ``(n_calls,)``."""
-        calls = torch.arange(self.n_calls, device=device)
-        odd = (calls % 2 == 1) if self.antithetic else torch.zeros_like(calls, dtype=torch.bool)
-        return 1.0 - 2.0 * odd.to(dtype)
+    def call_noise(self, eps: torch.Tensor) -> torch.Tensor:
+        """Noise of every call, ``(B, m, *shape) -> (B, n_calls, *shape)``."""
+        idx = self.stratum(eps.device)
+        if not self.antithetic:
+            return eps[:, idx]
+        flat = eps.flatten(2).double()
+        r2 = (flat * flat).sum(-1)
+        ratio = torch.sqrt(chi2_antithetic(r2, flat.shape[-1]) / r2).to(eps.dtype)
+        mirrored = eps * ratio.reshape(*ratio.shape, *([1] * (eps.dim() - 2)))
+        variants = torch.stack([eps, -eps, mirrored, -mirrored], 2)  # (B, m, 4, *shape)
+        calls = torch.arange(self.n_calls, device=eps.device)
+        return variants[:, idx, calls % 4]
 
     def mean_per_stratum(self, values: torch.Tensor) -> torch.Tensor:
-        """Average ``(B, n_calls)`` per-call values over the calls of each point: ``(B, n_strata)``."""
+        """Average ``(B, n_calls)`` per-call values over the calls of each point: ``(B, m)``."""
         idx = self.stratum(values.device)
         sums = torch.zeros(len(values), self.n_strata, dtype=values.dtype, device=values.device)
         counts = torch.zeros(self.n_strata, dtype=values.dtype, device=values.device)

@@ -1,0 +1,94 @@
+"""Training checkpoints as single safetensors files (no pickle), written atomically.
+
+A checkpoint holds the model's ``state_dict`` (network weights and the spectrum
+buffers), the optimizer's tensors, the epoch, the generator state and JSON metadata
+(training config, model description, history).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import _io
+
+FORMAT = "itdiffusion.checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue training or to rebuild the model."""
+
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict | None
+    epoch: int
+    meta: dict = field(default_factory=dict)  # JSON-able: config, model description, history
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for pid, slots in state["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{pid}/{key}"] = value
+            else:
+                scalars[f"{pid}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
+    state: dict = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split("/", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for name, value in info.get("scalars", {}).items():
+        pid, key = name.split("/", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_checkpoint(path, ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` to ``path`` (safetensors) atomically."""
+    from safetensors.torch import save
+
+    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in ckpt.model_state.items()}
+    meta = {"format": FORMAT, "version": VERSION, "epoch": ckpt.epoch, **ckpt.meta}
+    if ckpt.optimizer_state is not None:
+        opt_tensors, opt_info = _flatten_optimizer(ckpt.optimizer_state)
+        tensors.update({k: v.detach().contiguous().cpu() for k, v in opt_tensors.items()})
+        meta["optimizer"] = opt_info
+    data = save(tensors, metadata={"itdiffusion": json.dumps(_io._json_safe(meta))})
+    _io.write_atomic(path, lambda fh: fh.write(data))
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint; a truncated, forged or foreign file raises ``ValueError`` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint file" if not path.exists() else f"{path} is not a file")
+    try:
+        tensors = load(path.read_bytes())
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        meta = json.loads(header["__metadata__"]["itdiffusion"])
+    except (SafetensorError, ValueError, KeyError, OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: truncated or invalid checkpoint ({type(err).__name__}: {err})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an itdiffusion checkpoint")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{path}: checkpoint version {meta.get('version')!r} is not supported (this is {VERSION})")
+    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optim/")}
+    info = meta.pop("optimizer", None)
+    optimizer_state = None if info is None else _unflatten_optimizer(opt_tensors, info)
+    epoch = int(meta.pop("epoch"))
+    meta.pop("format"), meta.pop("version")
+    return Checkpoint(model_state=model_state, optimizer_state=optimizer_state, epoch=epoch, meta=meta)

@@ -1,0 +1,126 @@
+"""Figures (matplotlib, imported lazily; files written atomically)."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import _io
+from .results import Results
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path) -> None:
+    """Save ``fig`` to ``path`` (format from the suffix) atomically, then close it."""
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=130, bbox_inches="tight")
+    _plt().close(fig)
+    _io.write_atomic(path, lambda fh: fh.write(buf.getvalue()))
+
+
+def mse_axes(ax, results: Results, label: str = "model", curve: str = "mmse", color: str = "C0", shade: bool = True):
+    """Draw a mean error curve against log-SNR with the Gaussian mmse and the shaded gap.
+
+    The gap between the Gaussian's curve and the model's, integrated over log-SNR and
+    halved, is how much better than the Gaussian the model's likelihood is.
+    """
+    a = results.logsnr
+    gauss = results.curves["mmse_gauss_analytic"]
+    model = results.curves[curve]
+    ax.plot(a, gauss, color="0.4", lw=1.5, ls="--", label="Gaussian mmse")
+    ax.plot(a, model, color=color, lw=1.8, label=label)
+    if shade:
+        ax.fill_between(a, model, gauss, where=model <= gauss, color=color, alpha=0.2, interpolate=True,
+                        label="gap (likelihood gain)")
+        ax.fill_between(a, model, gauss, where=model > gauss, color="C3", alpha=0.2, interpolate=True,
+                        label="worse than Gaussian")
+    ax.set_xlabel("log-SNR a")
+    ax.set_ylabel("E ||eps - eps_hat||^2")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_mse(results: Results, path, title: str | None = None, rounded: bool = False) -> None:
+    """``mse.png``: the error curve (and, for discrete data, the rounded one) against the Gaussian's."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mse_axes(ax, results)
+    if rounded:
+        key = "mmse_soft" if results.config.get("soft") else "mmse_hard"
+        if key in results.curves:
+            ax.plot(results.logsnr, results.curves[key], color="C2", lw=1.5, label=f"rounded ({key[5:]})")
+            ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    save_figure(fig, path)
+
+
+def plot_density_grid(
+    panels: Sequence[tuple[str, np.ndarray]],
+    extent: tuple[float, float, float, float],
+    points: np.ndarray,
+    path,
+    title: str | None = None,
+) -> None:
+    """Filled contours of ``-log p`` (each panel ``(label, (ny, nx) array)``) with data points on top."""
+    plt = _plt()
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.3), squeeze=False)
+    finite = np.concatenate([p[np.isfinite(p)].ravel() for _, p in panels])
+    lo, hi = np.percentile(finite, 1), np.percentile(finite, 97)
+    levels = np.linspace(lo, hi, 15)
+    for ax, (label, nll) in zip(axes[0], panels):
+        ax.contourf(np.clip(nll, lo, hi), levels=levels, extent=extent, origin="lower", cmap="viridis_r")
+        ax.scatter(points[:, 0], points[:, 1], s=1.5, c="white", alpha=0.35, linewidths=0)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_image_bpd(images: np.ndarray, bpd: np.ndarray, results: Results, path, title: str | None = None) -> None:
+    """Test images framed by colour by their bits/dim, next to the error curves."""
+    plt = _plt()
+    n = min(len(images), 36)
+    order = np.argsort(bpd[:n])
+    cols = int(math.ceil(math.sqrt(n)))
+    fig = plt.figure(figsize=(11, 4.8))
+    grid = fig.add_gridspec(cols, 2 * cols, wspace=0.08, hspace=0.08)
+    cmap = plt.get_cmap("coolwarm")
+    lo, hi = float(bpd[:n].min()), float(bpd[:n].max())
+    for slot, i in enumerate(order):
+        ax = fig.add_subplot(grid[slot // cols, slot % cols])
+        img = images[i]
+        ax.imshow(img[0] if img.shape[0] == 1 else np.transpose((img + 1) / 2, (1, 2, 0)), cmap="gray", vmin=-1, vmax=1)
+        color = cmap((bpd[i] - lo) / max(hi - lo, 1e-9))
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{bpd[i]:.2f}", fontsize=6, pad=1, color=color)
+    ax = fig.add_subplot(grid[:, cols + 1 :])
+    mse_axes(ax, results, label="model (raw)")
+    key = "mmse_soft" if results.config.get("soft") else "mmse_hard"
+    if key in results.curves:
+        ax.plot(results.logsnr, results.curves[key], color="C2", lw=1.5, label="rounded")
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "test images by discrete bits/dim (blue: likely, red: unlikely)", fontsize=10)
+    save_figure(fig, path)

@@ -1,0 +1,202 @@
+"""Training (or fine-tuning) a denoiser with the information-theoretic objective.
+
+Plain PyTorch: Adam on ``ITDiffusion.loss``.  Every epoch's randomness (shuffling, the
+loss's log-SNR and noise draws, dropout) comes from a seed derived from
+``(config.seed, epoch)``, so a run resumed from the checkpoint of epoch ``k`` retraces
+exactly what the uninterrupted run would have done.  The caller's global RNG is left
+untouched (dropout runs inside ``torch.random.fork_rng``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import _io
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .grid import DiscreteGrid
+from .model import ITDiffusion
+from .rng import example_seed
+
+CHECKPOINT = "checkpoint.safetensors"
+HISTORY = "history.json"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (saved in every checkpoint)."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 256
+    seed: int = 0
+    grad_clip: float | None = None
+    val_points: int = 64  # network calls per validation example
+    val_examples: int | None = 1000  # validate on at most this many examples
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "val_points"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip!r}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float  # mean IT loss over the epoch, nats per example
+    val_nll: float | None  # validation -log p (or the discrete bound), nats per example
+    val_se: float | None
+    seconds: float
+
+
+@dataclass
+class History:
+    records: list[EpochRecord] = field(default_factory=list)
+
+    def to_json(self) -> list[dict]:
+        return [asdict(r) for r in self.records]
+
+    @classmethod
+    def from_json(cls, rows: list[dict]) -> "History":
+        return cls([EpochRecord(**r) for r in rows])
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return example_seed(seed, 1_000_003 + epoch)
+
+
+def _device(model: ITDiffusion) -> torch.device:
+    return next(iter(model.buffers())).device
+
+
+@torch.no_grad()
+def validate(model: ITDiffusion, x_val: torch.Tensor, config: TrainConfig, discrete: DiscreteGrid | None = None):
+    """Mean validation NLL and its standard error (nats per example), with a fixed seed."""
+    was_training = model.training
+    model.eval()
+    x = x_val[: config.val_examples] if config.val_examples else x_val
+    batch = max(1, min(len(x), 2**16 // config.val_points))
+    nll = torch.cat([
+        model.nll(x[i : i + batch], config.val_points, seed=config.seed, discrete=discrete)
+        for i in range(0, len(x), batch)
+    ])
+    model.train(was_training)
+    return nll.mean().item(), (nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan"))
+
+
+def train(
+    model: ITDiffusion,
+    x_train: torch.Tensor,
+    config: TrainConfig,
+    *,
+    x_val: torch.Tensor | None = None,
+    discrete: DiscreteGrid | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    meta: dict | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[EpochRecord, ITDiffusion], None] | None = None,
+) -> History:
+    """Train ``model``'s denoiser on ``x_train`` with the IT objective; returns the history.
+
+    Args:
+        x_train, x_val: ``(n, *shape)`` tensors (moved to the model's device per batch).
+        discrete: validate with the discrete bound on this grid.
+        out_dir: where ``checkpoint.safetensors`` and ``history.json`` are written
+            (atomically) after every epoch.
+        resume: continue from ``out_dir``'s checkpoint (its settings must match).
+        meta: JSON-able description stored in the checkpoint (e.g. how to rebuild the net).
+        on_epoch: called after every epoch with its record and the model.
+    """
+    config.validate()
+    model.check_data(x_train[:1], None, name="training data")
+    device = _device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the denoiser has no trainable parameters")
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    history, start = History(), 1
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if resume:
+        start, history = _resume(model, optimizer, out, config)
+    for epoch in range(start, config.epochs + 1):
+        began = time.perf_counter()
+        loss = _run_epoch(model, optimizer, x_train, config, epoch, device, progress)
+        val = validate(model, x_val.to(device), config, discrete) if x_val is not None else (None, None)
+        record = EpochRecord(epoch, loss, val[0], val[1], time.perf_counter() - began)
+        history.records.append(record)
+        if out is not None:
+            _save(out, model, optimizer, epoch, config, history, meta)
+        if on_epoch is not None:
+            on_epoch(record, model)
+    return history
+
+
+def _run_epoch(model, optimizer, x_train, config, epoch, device, progress) -> float:
+    seed = _epoch_seed(config.seed, epoch)
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    model.train()
+    total, count = 0.0, 0
+    bar = _progress(len(batches), f"epoch {epoch}/{config.epochs}", progress)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 2)  # dropout inside the fork only
+        for idx in batches:
+            x = x_train[idx].to(device)
+            loss = model.loss(x, generator=gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch}; lower the lr")
+            total, count = total + loss.item() * len(idx), count + len(idx)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+    bar.close()
+    return total / count
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _save(out: Path, model, optimizer, epoch, config, history, meta) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_meta = {"train_config": asdict(config), "history": history.to_json(), "model": meta or {}}
+    save_checkpoint(out / CHECKPOINT, Checkpoint(model.state_dict(), optimizer.state_dict(), epoch, ckpt_meta))
+    _io.save_json_atomic(out / HISTORY, history.to_json())
+
+
+_MUST_MATCH = ("lr", "batch_size", "seed", "grad_clip", "val_points", "val_examples")
+
+
+def _resume(model, optimizer, out: Path | None, config: TrainConfig):
+    if out is None or not (out / CHECKPOINT).exists():
+        raise ValueError(f"nothing to resume: no {CHECKPOINT} in {out}")
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    saved = ckpt.meta.get("train_config", {})
+    changed = [k for k in _MUST_MATCH if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        raise ValueError("cannot resume with different settings: " + ", ".join(
+            f"{k} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed))
+    model.load_state_dict(ckpt.model_state)
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    return ckpt.epoch + 1, History.from_json(ckpt.meta.get("history", []))
