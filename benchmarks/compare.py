@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import itdiffusion as itd
+from itdiffusion.baselines import EXACT_TRACE_MAX_D
 from itdiffusion.compare import demo_mixture
 
 TARGET_BPD = 0.01
@@ -62,7 +63,7 @@ def runs(d: int, cfg: dict) -> list[tuple[str, str, dict]]:
         out.append(("it", f"n={n}", {"n_points": n}))
         out.append(("vlb", f"T={n}", {"steps": n, "variance": "fixed_large"}))
         out.append(("vlb-ct", f"n={n}", {"n_points": n}))
-    probes = (None,) if d <= itd.baselines.EXACT_TRACE_MAX_D else cfg["probes"]
+    probes = (None,) if d <= EXACT_TRACE_MAX_D else cfg["probes"]
     for p in probes:
         trace = {"trace": "exact"} if p is None else {"trace": "hutchinson", "n_probes": p}
         tag = "exact trace" if p is None else f"{p} probe{'s' if p > 1 else ''}"

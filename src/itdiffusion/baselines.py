@@ -21,7 +21,7 @@ Randomness comes only from explicit seeds or generators, one stream per example 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .channel import add_noise, alpha_sigma, x_from_eps
 from .grid import DiscreteGrid
 from .integration import logistic_quantile
+from .model import default_antithetic
 from .rng import CallLayout, draw_example_noise, example_seed, seed_from
 
 LN2 = math.log(2.0)
@@ -305,25 +306,26 @@ def _step_terms(
     x_hat = x_from_eps(z.double(), eps_hat.double(), logsnr)
     if clamp is not None:
         x_hat = x_hat.clamp(*clamp)
-    frac = None if v is None else (v.double() + 1.0) / 2.0
-    if frac is None:
+    if v is None:
         logvar = _broadcast(schedule.model_log_variance(index, variance), x_hat)
     else:
-        logvar = schedule.model_log_variance(_broadcast(index, x_hat), variance, frac)
+        logvar = schedule.model_log_variance(_broadcast(index, x_hat), variance, (v.double() + 1.0) / 2.0)
     x64 = x.double()
-    # decoder: mean of p(x_0 | x_1) is x_hat (the posterior-mean coefficient of x_1 is 0 at t = 1)
-    if grid is not None:
-        decoder = discretized_gaussian_nll(x64, x_hat, logvar, grid)
-    else:
-        decoder = gaussian_nll(x64, x_hat, logvar)
-    # KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)): means differ by coef_x * (x_0 - x_hat)
-    coef = _broadcast(schedule.posterior_mean_coef_x.to(x.device)[index], x64)
-    post_var = _broadcast(schedule.posterior_variance.to(x.device)[index], x64)
-    post_logvar = _broadcast(schedule.posterior_log_variance_clipped.to(x.device)[index], x64)
-    mean_sq = (coef * (x64 - x_hat)) ** 2
+    # at t = 1 the posterior mean's coefficient of x_1 is 0: p(x_0 | x_1) has mean x_hat
+    decoder = gaussian_nll(x64, x_hat, logvar) if grid is None else discretized_gaussian_nll(x64, x_hat, logvar, grid)
+    return torch.where(index == 0, decoder, _posterior_kl(x64, x_hat, logvar, index, schedule))
+
+
+def _posterior_kl(x, x_hat, logvar, index, schedule: DiscreteSchedule) -> torch.Tensor:
+    """``KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))`` per pair, float64 ``(P,)``.
+
+    Both are Gaussian; their means differ by ``coef_x * (x_0 - x_hat)``.
+    """
+    pick = lambda table: _broadcast(table.to(x.device)[index], x)  # noqa: E731
+    mean_sq = (pick(schedule.posterior_mean_coef_x) * (x - x_hat)) ** 2
+    post_var, post_logvar = pick(schedule.posterior_variance), pick(schedule.posterior_log_variance_clipped)
     kl_dims = 0.5 * (logvar - post_logvar + (post_var + mean_sq) * torch.exp(-logvar) - 1.0)
-    kl = _flat(kl_dims.expand_as(x64)).sum(1)
-    return torch.where(index == 0, decoder, kl)
+    return _flat(kl_dims.expand_as(x)).sum(1)
 
 
 @torch.no_grad()
@@ -445,7 +447,7 @@ def vlb_continuous(
     clip: float | None = None,
     grid: DiscreteGrid | None = None,
     control_variate: bool = True,
-    antithetic: bool = True,
+    antithetic: bool | None = None,
     batch_size: int | None = None,
 ) -> BoundTerms:
     """Continuous-time variational bound (Variational Diffusion Models) on ``-log p(x)``, in nats.
@@ -453,7 +455,8 @@ def vlb_continuous(
     ``KL(q(z_lo | x) || N(0, I)) + 1/2 Int_lo^hi E||eps - eps_hat(z_a, a)||^2 da + E[-log p(x | z_hi)]``
     over the model's log-SNR range ``[lo, hi] = model.logsnr_range(clip)``.  The integral
     uses the IT estimator's machinery: ``n_points`` calls at stratified points of the
-    truncated-logistic proposal (antithetic pairs), per-example noise streams, and by
+    truncated-logistic proposal (antithetic groups by default for continuous data),
+    per-example noise streams, and by
     default the Gaussian-optimal denoiser on the same noise as a control variate, whose
     expected integral is known in closed form (:meth:`GaussianSpectrum.error_integral`);
     the control variate changes the variance, not the expectation.  For grid data it is
@@ -479,7 +482,7 @@ def vlb_continuous(
     model.check_data(x, grid)
     seed = seed_from(generator) if seed is None else int(seed)
     lo, hi = model.logsnr_range(clip)
-    layout = CallLayout(int(n_points), antithetic)
+    layout = CallLayout(int(n_points), default_antithetic(grid) if antithetic is None else antithetic)
     noise = draw_example_noise(seed, range(len(x)), layout.n_strata, model.shape, dtype=x.dtype, device=x.device)
     logsnr, weights = model.points(layout.n_strata, mode="stratified", clip=clip, fractions=noise.fractions,
                                    device=x.device)
@@ -556,7 +559,7 @@ def _flow_field(model, time: _FlowTime, probes, counter: dict):
     the log-SNR range, so the solver's error control sees a well-scaled integrand.
     """
 
-    def field(s: float, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rhs(s: float, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, speed = time.logsnr(s)
         logsnr = torch.full((len(z),), a, dtype=z.dtype, device=z.device)
         with torch.enable_grad():
@@ -568,25 +571,25 @@ def _flow_field(model, time: _FlowTime, probes, counter: dict):
         dz = -speed * flow_velocity(z, eps_hat.detach(), logsnr)
         return dz, (speed * 0.5 * sigma) * (div.detach().double() - sigma * z[0].numel())
 
-    return field
+    return rhs
 
 
-def _rk_fixed(field, z, n_steps: int, solver: str):
+def _rk_fixed(rhs, z, n_steps: int, solver: str):
     """Integrate ``(z, l)`` over ``s`` in [0, 1] with ``n_steps`` equal steps; returns ``(z, l, steps)``."""
     h = 1.0 / n_steps
     ell = torch.zeros(len(z), dtype=torch.float64, device=z.device)
     for i in range(n_steps):
         s = i * h
-        k1 = field(s, z)
+        k1 = rhs(s, z)
         if solver == "euler":
             incr = k1
         elif solver == "heun":
-            k2 = field(s + h, z + h * k1[0])
+            k2 = rhs(s + h, z + h * k1[0])
             incr = tuple(0.5 * (p + q) for p, q in zip(k1, k2))
         else:  # rk4
-            k2 = field(s + h / 2, z + h / 2 * k1[0])
-            k3 = field(s + h / 2, z + h / 2 * k2[0])
-            k4 = field(s + h, z + h * k3[0])
+            k2 = rhs(s + h / 2, z + h / 2 * k1[0])
+            k3 = rhs(s + h / 2, z + h / 2 * k2[0])
+            k4 = rhs(s + h, z + h * k3[0])
             incr = tuple((p + 2 * q + 2 * r + t) / 6 for p, q, r, t in zip(k1, k2, k3, k4))
         z, ell = z + h * incr[0], ell + h * incr[1]
     return z, ell, n_steps, 0
@@ -607,7 +610,7 @@ _DP_B = _DP_A[6] + (0.0,)
 _DP_B_LOW = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 
 
-def _dopri5(field, z, rtol: float, atol: float, first_step: float = 0.02, max_steps: int = 10_000):
+def _dopri5(rhs, z, rtol: float, atol: float, first_step: float = 0.02, max_steps: int = 10_000):
     """Adaptive Dormand-Prince 5(4) over ``s`` in [0, 1], one step size shared by the batch.
 
     The error norm is the RMS over each example's state ``(z, l)`` of
@@ -615,14 +618,14 @@ def _dopri5(field, z, rtol: float, atol: float, first_step: float = 0.02, max_st
     """
     s, h = 0.0, first_step
     ell = torch.zeros(len(z), dtype=torch.float64, device=z.device)
-    k_first = field(s, z)
+    k_first = rhs(s, z)
     accepted = rejected = 0
     while s < 1.0 - 1e-12:
         h = min(h, 1.0 - s)
         ks = [k_first]
         for i in range(1, 7):
             dz = sum(a * k[0] for a, k in zip(_DP_A[i], ks) if a)
-            ks.append(field(s + _DP_C[i] * h, z + h * dz))
+            ks.append(rhs(s + _DP_C[i] * h, z + h * dz))
         new_z = z + h * sum(b * k[0] for b, k in zip(_DP_B, ks) if b)
         new_ell = ell + h * sum(b * k[1] for b, k in zip(_DP_B, ks) if b)
         err_z = h * sum((b - c) * k[0] for b, c, k in zip(_DP_B, _DP_B_LOW, ks) if b != c)
@@ -724,12 +727,12 @@ def ode_nll(
     factor = ODE_SCALE_FACTOR
     time = _FlowTime(model.loc, factor * model.scale, clip / factor)
     counter = {"calls": 0}
-    field = _flow_field(model, time, probes, counter)
+    rhs = _flow_field(model, time, probes, counter)
     alpha_hi = math.exp(0.5 * F.logsigmoid(torch.tensor(hi, dtype=torch.float64)).item())
     if solver == "dopri5":
-        z_lo, ell, steps, rejected = _dopri5(field, alpha_hi * x, rtol, atol)
+        z_lo, ell, steps, rejected = _dopri5(rhs, alpha_hi * x, rtol, atol)
     else:
-        z_lo, ell, steps, rejected = _rk_fixed(field, alpha_hi * x, int(n_steps), solver)
+        z_lo, ell, steps, rejected = _rk_fixed(rhs, alpha_hi * x, int(n_steps), solver)
     log_p = reference_marginal_log_prob(model.spectrum, z_lo, lo) + ell + d * math.log(alpha_hi)
     nll = -log_p - (d * math.log(grid.delta) if grid is not None else 0.0)
     return ODEResult(nll=nll, d=d, nfe=counter["calls"], vjps_per_call=d if exact else int(n_probes),
