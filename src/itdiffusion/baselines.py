@@ -121,28 +121,33 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def example_generators(seed: int, indices: Sequence[int], device=None, salt: int = 0) -> list[torch.Generator]:
-    """One generator per example, seeded from ``(seed + salt, index)`` (see :mod:`itdiffusion.rng`)."""
+def example_generators(seed: int, indices: Sequence[int], salt: int = 0) -> list[torch.Generator]:
+    """One CPU generator per example, seeded from ``(seed + salt, index)`` (see :mod:`itdiffusion.rng`).
+
+    Draws are made on the CPU and moved to the data's device, so results do not depend
+    on the device either.
+    """
     gens = []
     for index in indices:
-        gen = torch.Generator(device=device)
+        gen = torch.Generator()
         gen.manual_seed(example_seed(int(seed) + int(salt), int(index)))
         gens.append(gen)
     return gens
 
 
 def _randn_per_example(gens: Sequence[torch.Generator], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """``(B, *shape)`` standard normal draws, row ``i`` from ``gens[i]``."""
-    return torch.stack([torch.randn(shape, generator=g, dtype=like.dtype, device=like.device) for g in gens])
+    """``(B, *shape)`` standard normal draws in ``like``'s dtype and device, row ``i`` from ``gens[i]``."""
+    rows = [torch.randn(shape, generator=g, dtype=like.dtype) for g in gens]
+    return torch.stack(rows).to(like.device)
 
 
 def _rand_per_example(gens: Sequence[torch.Generator], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return torch.stack([torch.rand(shape, generator=g, dtype=like.dtype, device=like.device) for g in gens])
+    return torch.stack([torch.rand(shape, generator=g, dtype=like.dtype) for g in gens]).to(like.device)
 
 
 def _rademacher_per_example(gens, shape, like: torch.Tensor) -> torch.Tensor:
-    bits = torch.stack([torch.randint(0, 2, shape, generator=g, device=like.device) for g in gens])
-    return (2 * bits - 1).to(like.dtype)
+    bits = torch.stack([torch.randint(0, 2, shape, generator=g) for g in gens])
+    return (2 * bits - 1).to(dtype=like.dtype, device=like.device)
 
 
 def prior_kl(x: torch.Tensor, logsnr: float) -> torch.Tensor:
@@ -422,7 +427,7 @@ def grid_decoder_nll(x: torch.Tensor, logsnr_hi: float, eps: torch.Tensor, grid:
     ``p(x_i = v | z_i)`` is proportional to ``N(z_i; alpha v, sigma^2)`` over the grid values
     ``v`` (the exact posterior under a uniform prior on the grid), independently per dimension.
     """
-    a = torch.tensor(float(logsnr_hi), dtype=torch.float64)
+    a = torch.tensor(float(logsnr_hi), dtype=torch.float64, device=x.device)
     alpha, sigma = alpha_sigma(a)
     z = _flat(add_noise(x.double(), a.expand(len(x)), eps.double()))
     k_x = grid.round_index(_flat(x).double())
