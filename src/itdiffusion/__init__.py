@@ -6,6 +6,7 @@ modules imported on demand.
 """
 
 from .analytic import FiniteDiscrete, GaussianMixture
+from .compare import compare
 from .evaluation import evaluate
 from .grid import DiscreteGrid, right_tail_bound
 from .integration import logistic_points, logistic_weights
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DiscreteGrid",
+    "compare",
     "Estimate",
     "Results",
     "ensemble",

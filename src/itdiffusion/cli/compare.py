@@ -1,0 +1,198 @@
+"""``itd compare``: the IT estimate, variational bounds and the ODE likelihood on one model.
+
+Examples::
+
+    itd compare --model gmm-exact --data sample:200 --dim 64 --methods it,vlb,vlb-ct,ode
+    itd compare --model iddpm-cifar10-vlb --weights cifar10_uncond_vlb_50M_500K.pt \\
+        --data test_images.npy --limit 16 --methods it,vlb --out results/compare.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from . import UsageError
+
+GMM = "gmm-exact"
+SAMPLE_PREFIX = "sample:"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="compare likelihood methods (IT, variational bounds, ODE) on one model",
+        description="Per-method NLL, standard error, network calls per example and wall time in one table. "
+        "With an analytic model (gmm-exact) the exact value is added.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True,
+                   help=f"'{GMM}' (built-in Gaussian mixture with its exact denoiser and density) or a registered "
+                        "model name (see itdiffusion.denoisers.list_models())")
+    p.add_argument("--weights", help="weights of a registered model: a file, a diffusers folder or a Hub repo id")
+    p.add_argument("--data", required=True,
+                   help=f"a .npy file of examples (N, *shape); with {GMM} also '{SAMPLE_PREFIX}N' to draw N examples "
+                        "from the mixture")
+    p.add_argument("--methods", default="it,vlb,ode", help="comma-separated: it, vlb, vlb-ct, ode")
+    p.add_argument("--limit", type=int, help="use only the first N examples")
+    p.add_argument("--dim", type=int, default=64, help=f"dimension of the {GMM} mixture when sampling its data")
+    p.add_argument("--components", type=int, default=5, help=f"components of the {GMM} mixture")
+    p.add_argument("--mixture-seed", type=int, default=0, help=f"seed that defines the {GMM} mixture")
+    p.add_argument("--spectrum", help="GaussianSpectrum .npz of the data (default: computed from the data)")
+    p.add_argument("--n-points", type=int, default=256, help="IT and continuous-time bound: calls per example")
+    p.add_argument("--vlb-steps", type=int, default=None,
+                   help="discrete-time bound: steps of the default schedule (models without their own)")
+    p.add_argument("--vlb-calls", type=int, default=None,
+                   help="discrete-time bound: estimate from this many stratified steps instead of all")
+    p.add_argument("--variance", default="auto", choices=["auto", "fixed_small", "fixed_large", "learned"],
+                   help="discrete-time bound: reverse-step variances")
+    p.add_argument("--solver", default="dopri5", choices=["dopri5", "rk4", "heun", "euler"], help="ODE solver")
+    p.add_argument("--ode-steps", type=int, default=50, help="ODE: steps of a fixed-step solver")
+    p.add_argument("--tol", type=float, default=1e-5, help="ODE: rtol and atol of the adaptive solver")
+    p.add_argument("--trace", default="auto", choices=["auto", "exact", "hutchinson"], help="ODE: divergence")
+    p.add_argument("--probes", type=int, default=1, help="ODE: Hutchinson probes per example")
+    p.add_argument("--seed", type=int, default=0, help="seed of every method's noise")
+    p.add_argument("--batch-size", type=int, help="(example, point) pairs per network call")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--threads", type=int,
+                   help=f"torch CPU threads (default: 1 for {GMM}, whose tensors are small, else torch's default)")
+    p.add_argument("--format", default="markdown", choices=["markdown", "json"], help="what to print")
+    p.add_argument("--out", help="write the table as JSON to this path and as Markdown beside it (.md)")
+    p.set_defaults(func=run)
+
+
+def parse_methods(text: str) -> list[str]:
+    from ..compare import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"method listed twice in {text!r}")
+    return methods
+
+
+def load_data(source: str):
+    """Examples from a ``.npy`` file as a float tensor ``(N, *shape)`` (no pickles).
+
+    Kept small on purpose: the project's data module will replace it.
+    """
+    import numpy as np
+    import torch
+
+    path = Path(source)
+    if path.suffix != ".npy":
+        raise UsageError(f"--data must be a .npy file (or {SAMPLE_PREFIX}N with {GMM}), got {source!r}")
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise UsageError(f"{path}: not a plain numeric .npy file ({err})") from None
+    if array.dtype.kind not in "fiu" or array.ndim < 2 or len(array) == 0:
+        raise UsageError(f"{path}: expected a non-empty numeric array of shape (N, *shape), got {array.dtype} "
+                         f"{array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _gmm_setup(args):
+    import torch
+
+    from ..compare import demo_mixture
+    from ..model import ITDiffusion
+
+    if args.weights or args.spectrum:
+        raise UsageError(f"{GMM} is built in: it takes no --weights or --spectrum")
+    if args.data.startswith(SAMPLE_PREFIX):
+        n = _positive_int(args.data[len(SAMPLE_PREFIX):], "--data sample:N")
+        mixture, spectrum = demo_mixture(args.dim, args.components, args.mixture_seed)
+        x = mixture.sample(n, torch.Generator().manual_seed(args.seed))
+    else:
+        x = load_data(args.data).double()
+        x = x.reshape(len(x), -1)
+        mixture, spectrum = demo_mixture(x.shape[1], args.components, args.mixture_seed)
+    return ITDiffusion(mixture, spectrum), x, None
+
+
+def _registry_setup(args):
+    import torch
+
+    from ..denoisers import build_denoiser, list_models
+    from ..grid import DiscreteGrid
+    from ..model import ITDiffusion
+    from ..spectrum import GaussianSpectrum
+
+    if args.model not in list_models():
+        raise UsageError(f"unknown model {args.model!r}; known: {GMM}, {', '.join(list_models())}")
+    if args.data.startswith(SAMPLE_PREFIX):
+        raise UsageError(f"{SAMPLE_PREFIX}N needs an analytic model ({GMM}); give a .npy file")
+    denoiser = build_denoiser(args.model, args.weights)
+    spec = denoiser.model_spec
+    grid = DiscreteGrid(float(spec.data_range[0]), float(spec.data_range[1]), int(spec.data_levels))
+    x = load_data(args.data)
+    if x.dtype == torch.uint8:  # 8-bit images: map 0..levels-1 onto the grid
+        x = grid.value(x.double())
+    x = x.float()
+    if tuple(x.shape[1:]) != tuple(spec.data_shape):
+        raise UsageError(f"{args.model} models examples of shape {tuple(spec.data_shape)}; "
+                         f"{args.data} holds {tuple(x.shape[1:])}")
+    x = x[: args.limit] if args.limit else x
+    if args.spectrum:
+        spectrum = GaussianSpectrum.load(args.spectrum)
+    else:
+        spectrum = GaussianSpectrum.from_data(x, diagonal=len(x) <= math.prod(x.shape[1:]))
+    return ITDiffusion(denoiser, spectrum), x, grid
+
+
+def _positive_int(text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"{what}: expected a positive integer, got {text!r}")
+    return value
+
+
+def _options(args) -> dict:
+    vlb = {"variance": args.variance, "n_calls": args.vlb_calls, "batch_size": args.batch_size}
+    if args.vlb_steps:
+        vlb["steps"] = args.vlb_steps
+    ode = {"solver": args.solver, "n_steps": args.ode_steps, "rtol": args.tol, "atol": args.tol,
+           "trace": args.trace, "n_probes": args.probes}
+    return {
+        "it": {"n_points": args.n_points, "batch_size": args.batch_size},
+        "vlb": vlb,
+        "vlb-ct": {"n_points": args.n_points, "batch_size": args.batch_size},
+        "ode": ode,
+    }
+
+
+def run(args) -> int:
+    import torch
+
+    from ..compare import compare
+
+    methods = parse_methods(args.methods)
+    if args.out and Path(args.out).suffix == ".md":
+        raise UsageError("--out takes the JSON path; the Markdown table is written beside it")
+    for name in ("threads", "limit", "n_points", "probes", "ode_steps", "vlb_steps", "vlb_calls", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    threads = args.threads or (1 if args.model == GMM else None)
+    if threads:
+        torch.set_num_threads(threads)
+    model, x, grid = _gmm_setup(args) if args.model == GMM else _registry_setup(args)
+    x = x[: args.limit] if args.limit else x
+    device = torch.device(args.device)
+    model, x = model.to(device), x.to(device)
+    options = {m: opts for m, opts in _options(args).items() if m in methods}
+    table = compare(model, x, methods, seed=args.seed, discrete=grid, options=options)
+    title = f"itd compare: {args.model} on {args.data}"
+    print(table.to_markdown(title) if args.format == "markdown" else table.to_json(), end="")
+    if args.out:
+        table.save(args.out, title=title, meta={"model": args.model, "data": args.data})
+    return 0
