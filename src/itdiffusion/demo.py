@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import _io
 from .data import load_dataset
 from .evaluation import evaluate
 from .grid import DiscreteGrid
 from .model import ITDiffusion
+from .nets import GaussianResidual
 from .spectrum import GaussianSpectrum
 from .train import TrainConfig, train
 
@@ -46,23 +46,6 @@ SETTINGS_2D = DemoSettings(epochs=20, lr=2e-3, batch_size=256, eval_points=256, 
 SETTINGS_IMAGES = DemoSettings(epochs=40, lr=2e-3, batch_size=64, eval_points=200, val_points=32)
 DENSITY_GRID = 70  # points per axis of the density plots
 DENSITY_SNAPSHOTS = 4
-
-
-class GaussianResidual(nn.Module):
-    """``eps_hat = eps_gauss(z, a) + net(z, a)``: a network correcting the Gaussian-optimal denoiser.
-
-    With the network's output layer initialised at zero the model starts as the Gaussian
-    reference (the estimate starts at the Gaussian's cross-entropy) and learns only what
-    the data have beyond their first two moments.
-    """
-
-    def __init__(self, net: nn.Module, spectrum: GaussianSpectrum):
-        super().__init__()
-        self.net = net
-        self.spectrum = spectrum
-
-    def forward(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        return self.spectrum.to(z.device).denoise(z, logsnr) + self.net(z, logsnr)
 
 
 def build_model(name: str, shape: tuple[int, ...], spectrum: GaussianSpectrum) -> tuple[ITDiffusion, dict]:

@@ -20,6 +20,9 @@ Two architectures:
 
 * :class:`MLPDenoiser` for vectors (shape ``(d,)``), e.g. the 2-D data sets;
 * :class:`SmallUNet` for small images (shape ``(C, H, W)``), e.g. 8x8 digits.
+
+:class:`GaussianResidual` wraps either around the Gaussian-optimal denoiser of the
+data's spectrum, so that an untrained network *is* the Gaussian reference.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LogSNREmbedding", "FourierFeatures", "MLPDenoiser", "SmallUNet"]
+__all__ = ["LogSNREmbedding", "FourierFeatures", "GaussianResidual", "MLPDenoiser", "SmallUNet"]
 
 LOGSNR_RANGE = 20.0
 """Log-SNR values are expected in about ``[-LOGSNR_RANGE, LOGSNR_RANGE]``."""
@@ -338,3 +341,48 @@ class _Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, c, H, W) -> (B, c, 2H, 2W)."""
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class GaussianResidual(nn.Module):
+    """``eps_hat = eps_gauss(z, a) + net(z, a)``: a network correcting the Gaussian-optimal denoiser.
+
+    With the network's output layer initialised at zero the model starts as the Gaussian
+    reference (the estimate starts at the Gaussian's cross-entropy) and learns only what
+    the data have beyond their first two moments.  The spectrum is kept in float64
+    buffers, so the module is self-contained: its ``state_dict`` holds the network and
+    the Gaussian, and it moves with ``.to(device)``.
+
+    Args:
+        net: a denoiser ``f(z (B, *shape), logsnr (B,)) -> (B, *shape)``, usually built
+            with ``skip=False``.
+        spectrum: a :class:`itdiffusion.spectrum.GaussianSpectrum` of the data.
+    """
+
+    def __init__(self, net: nn.Module, spectrum):
+        super().__init__()
+        self.net = net
+        self.shape = tuple(spectrum.shape)
+        self.register_buffer("mean", spectrum.mean.detach().double().clone())
+        self.register_buffer("log_eigs", spectrum.log_eigs.detach().double().clone())
+        eigvecs = torch.zeros(0, dtype=torch.float64) if spectrum.eigvecs is None else spectrum.eigvecs
+        self.register_buffer("eigvecs", eigvecs.detach().double().clone())
+
+    @property
+    def spectrum(self):
+        """The Gaussian reference, on this module's device."""
+        from .spectrum import GaussianSpectrum
+
+        eigvecs = None if self.eigvecs.numel() == 0 else self.eigvecs
+        return GaussianSpectrum(self.mean, eigvecs, self.log_eigs, self.shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Saved weights may carry a spectrum of the other kind (full vs diagonal): take its shapes.
+        for name in ("mean", "log_eigs", "eigvecs"):
+            value = state_dict.get(prefix + name)
+            if value is not None and value.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(value, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, z: Tensor, logsnr: Tensor) -> Tensor:
+        """z: (B, *shape), logsnr: (B,) -> eps_hat (B, *shape) in z's dtype."""
+        return self.spectrum.denoise(z, logsnr) + self.net(z, logsnr)
