@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
+from . import _io
 from .grid import DiscreteGrid
 from .model import Errors, ITDiffusion, default_antithetic
 from .results import Results, Term
 from .rng import CallLayout, draw_example_noise
 
 _NOISE_BUDGET = 2**24  # noise elements drawn per group of examples
+PROGRESS_FORMAT = "itdiffusion.eval-progress"
+PROGRESS_VERSION = 1
 
 
 @dataclass
@@ -58,6 +64,17 @@ class _Accumulator:
     def __contains__(self, key: str) -> bool:
         return key in self.parts
 
+    def mark(self) -> dict[str, int]:
+        """How many pieces each key holds (to undo an interrupted batch with :meth:`rollback`)."""
+        return {key: len(value) for key, value in self.parts.items()}
+
+    def rollback(self, mark: dict[str, int]) -> None:
+        for key in list(self.parts):
+            if key not in mark:
+                del self.parts[key]
+            else:
+                del self.parts[key][mark[key]:]
+
 
 def _as_tensor(batch) -> torch.Tensor:
     if isinstance(batch, (tuple, list)):
@@ -72,11 +89,15 @@ class Evaluator:
 
     Example indices count from ``index_offset``; an example's noise depends only on the
     seed and its index, so any split into batches or processes gives the same numbers.
+    The per-example pieces can be saved and restored (:meth:`save_progress`,
+    :meth:`load_progress`, :meth:`state_arrays`), so a long evaluation can be resumed,
+    and shards evaluated by several processes can be joined into one result.
     """
 
     def __init__(self, model: ITDiffusion, config: EvalConfig, *, batch_size: int | None = None, index_offset: int = 0):
         config.validate()
         self.model, self.config, self.batch_size = model, config, batch_size
+        self.index_offset = int(index_offset)
         self.clip = model.clip if config.clip is None else float(config.clip)
         antithetic = default_antithetic(config.discrete) if config.antithetic is None else config.antithetic
         self.layout = CallLayout(int(config.n_points), antithetic)
@@ -97,9 +118,21 @@ class Evaluator:
     def n_done(self) -> int:
         return sum(len(p) for p in self.acc.parts.get("continuous/offset", []))
 
-    @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        """Evaluate a batch ``(B, *shape)`` on the model's device and keep its per-example terms."""
+        """Evaluate a batch ``(B, *shape)`` on the model's device and keep its per-example terms.
+
+        All or nothing: if it fails or is interrupted, nothing of the batch is kept.
+        """
+        mark, next_index = self.acc.mark(), self.next_index
+        try:
+            self._add_batch(x)
+        except BaseException:
+            self.acc.rollback(mark)
+            self.next_index = next_index
+            raise
+
+    @torch.no_grad()
+    def _add_batch(self, x: torch.Tensor) -> None:
         cfg, model = self.config, self.model
         model.check_data(x, cfg.discrete)
         m = self.layout.n_strata
@@ -141,6 +174,93 @@ class Evaluator:
         self.acc.add(f"{name}/integrand", terms.values)
         self.acc.add(f"{name}/gauss", terms.gauss)
         self.acc.add(f"{name}/nll", terms.nll(w))
+
+    # ----------------------------------------------------------------- state
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Every per-example piece evaluated so far, one ``(n_done, ...)`` float64 array per key."""
+        return {key: self.acc.get(key) for key in sorted(self.acc.parts)}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the evaluated pieces by ``arrays`` (from :meth:`state_arrays`, possibly of
+        several shards concatenated in index order)."""
+        sizes = {len(v) for v in arrays.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"per-example arrays disagree in length: {sorted(sizes)}")
+        self.acc = _Accumulator({key: [np.asarray(value, dtype=np.float64)] for key, value in arrays.items()})
+        self.next_index = self.index_offset + (sizes.pop() if sizes else 0)
+
+    def identity(self, meta: dict | None = None) -> dict:
+        """What a saved state must match to be resumed: the configuration, the first index, ``meta``."""
+        ident = {"config": self._config_dict(), "index_offset": self.index_offset, "meta": meta or {}}
+        return json.loads(json.dumps(_io._json_safe(ident)))
+
+    def save_progress(self, path, meta: dict | None = None) -> None:
+        """Write the per-example pieces and :meth:`identity` to ``path`` (``.npz``, no pickle, atomic)."""
+        header = {"format": PROGRESS_FORMAT, "version": PROGRESS_VERSION, "n_done": self.n_done,
+                  "identity": self.identity(meta)}
+        arrays = {f"part/{key}": value for key, value in self.state_arrays().items()}
+        arrays["meta"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        _io.save_npz_atomic(path, arrays)
+
+    def load_progress(self, path, meta: dict | None = None) -> int:
+        """Restore a state written by :meth:`save_progress`; returns the examples already done.
+
+        Raises ``ValueError`` if it was written for other settings, data or model.
+        """
+        arrays = _io.load_npz(path)
+        header = _io.read_meta(arrays, path, PROGRESS_FORMAT, PROGRESS_VERSION)
+        saved, now = header.get("identity", {}), self.identity(meta)
+        changed = sorted(_differences(saved, now))
+        if changed:
+            raise ValueError(f"{path}: partial evaluation with other settings ({', '.join(changed[:4])} differ); "
+                             "delete it to start over")
+        parts = {key[len("part/"):]: value for key, value in arrays.items() if key.startswith("part/")}
+        self.load_state_arrays(parts)
+        if self.n_done != int(header.get("n_done", -1)):
+            raise ValueError(f"{path}: corrupt partial evaluation (example count does not match)")
+        return self.n_done
+
+    def run(
+        self,
+        batches: Iterable,
+        *,
+        callback: Callable[[int], None] | None = None,
+        checkpoint=None,
+        checkpoint_every: float = 300.0,
+        checkpoint_meta: dict | None = None,
+    ) -> None:
+        """Evaluate ``batches`` (tensors ``(B, *shape)`` or ``(x, label)`` pairs), in order.
+
+        With ``checkpoint`` (a path): if it exists, resume from it (it must match, see
+        :meth:`load_progress`) and skip the examples it holds; save progress there at
+        least every ``checkpoint_every`` seconds (0: after every batch), on
+        ``KeyboardInterrupt`` and at the end.  Because every example's noise depends only
+        on the seed and its index, a resumed run gives the same numbers.
+        """
+        device = next((b.device for b in self.model.buffers()), torch.device("cpu"))
+        done = 0
+        if checkpoint is not None and Path(checkpoint).exists():
+            done = self.load_progress(checkpoint, checkpoint_meta)
+        last_save, seen = time.monotonic(), 0
+        try:
+            for batch in batches:
+                x = _as_tensor(batch)
+                skip = min(max(done - seen, 0), len(x))
+                seen += len(x)
+                if skip == len(x):
+                    continue
+                self.add_batch(x[skip:].to(device))
+                if callback is not None:
+                    callback(self.n_done)
+                if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
+                    self.save_progress(checkpoint, checkpoint_meta)
+                    last_save = time.monotonic()
+        except KeyboardInterrupt:
+            if checkpoint is not None and self.n_done:
+                self.save_progress(checkpoint, checkpoint_meta)
+            raise
+        if checkpoint is not None:
+            self.save_progress(checkpoint, checkpoint_meta)
 
     def results(self) -> Results:
         """Combine everything evaluated so far into :class:`Results`."""
@@ -185,6 +305,16 @@ class Evaluator:
         }
 
 
+def _differences(saved, now, prefix: str = "") -> list[str]:
+    """Dotted names of the entries where two JSON-like values differ."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(saved) | set(now)):
+            out += _differences(saved.get(key), now.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == now else [prefix.rstrip(".") or "value"]
+
+
 def _range(grid: DiscreteGrid, widen: bool = False) -> tuple[float, float]:
     pad = 0.5 * grid.delta if widen else 0.0
     return grid.lo - pad, grid.hi + pad
@@ -207,6 +337,9 @@ def evaluate(
     batch_size: int | None = None,
     index_offset: int = 0,
     callback: Callable[[int], None] | None = None,
+    checkpoint=None,
+    checkpoint_every: float = 300.0,
+    checkpoint_meta: dict | None = None,
 ) -> Results:
     """Every estimator of the paper's test protocol over a data set.
 
@@ -230,6 +363,12 @@ def evaluate(
         batch_size: (example, point) pairs per network call.
         index_offset: index of the first example (for sharding across processes).
         callback: called with the number of examples done after every batch.
+        checkpoint: path of an ``.npz`` file holding partial progress: resumed from when it
+            exists (settings, data order and ``checkpoint_meta`` must match), written at
+            least every ``checkpoint_every`` seconds, on ``KeyboardInterrupt`` and at the
+            end (it is left in place; a second call with it returns at once).  A resumed
+            run gives the same numbers as an uninterrupted one.  See :meth:`Evaluator.run`.
+        checkpoint_meta: JSON-able facts the checkpoint must agree with (e.g. a model hash).
 
     Returns:
         :class:`Results`.
@@ -237,9 +376,6 @@ def evaluate(
     config = EvalConfig(n_points=n_points, discrete=discrete, soft=soft, dequantize=dequantize, clamp=clamp,
                         mode=mode, antithetic=antithetic, seed=seed, clip=clip, per_sample_curves=per_sample_curves)
     evaluator = Evaluator(model, config, batch_size=batch_size, index_offset=index_offset)
-    device = next((b.device for b in model.buffers()), torch.device("cpu"))
-    for batch in batches:
-        evaluator.add_batch(_as_tensor(batch).to(device))
-        if callback is not None:
-            callback(evaluator.n_done)
+    evaluator.run(batches, callback=callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                  checkpoint_meta=checkpoint_meta)
     return evaluator.results()
