@@ -5,6 +5,11 @@ loss's log-SNR and noise draws, dropout) comes from a seed derived from
 ``(config.seed, epoch)``, so a run resumed from the checkpoint of epoch ``k`` retraces
 exactly what the uninterrupted run would have done.  The caller's global RNG is left
 untouched (dropout runs inside ``torch.random.fork_rng``).
+
+Data parallel (``world`` with several processes, see :mod:`itdiffusion.distributed`):
+every process draws the same epoch permutation and takes every ``size``-th example of
+each batch; gradients are averaged by ``DistributedDataParallel``; only the first
+process validates and writes files.  One process behaves exactly as without ``world``.
 """
 
 from __future__ import annotations
@@ -16,15 +21,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from . import _io
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .distributed import World, all_sum, barrier
 from .grid import DiscreteGrid
 from .model import ITDiffusion
 from .rng import example_seed
 
 CHECKPOINT = "checkpoint.safetensors"
 HISTORY = "history.json"
+_RANK_STRIDE = 7919  # offsets the seeds of process r > 0 (process 0 keeps the one-process seeds)
 
 
 @dataclass
@@ -106,6 +114,7 @@ def train(
     meta: dict | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochRecord, ITDiffusion], None] | None = None,
+    world: World | None = None,
 ) -> History:
     """Train ``model``'s denoiser on ``x_train`` with the IT objective; returns the history.
 
@@ -116,8 +125,11 @@ def train(
             (atomically) after every epoch.
         resume: continue from ``out_dir``'s checkpoint (its settings must match).
         meta: JSON-able description stored in the checkpoint (e.g. how to rebuild the net).
-        on_epoch: called after every epoch with its record and the model.
+        on_epoch: called after every epoch with its record and the model (first process only).
+        world: this process's place in a data-parallel job (the process group must be
+            initialised); ``None``: one process.
     """
+    world = world or World()
     config.validate()
     model.check_data(x_train[:1], None, name="training data")
     device = _device(model)
@@ -129,35 +141,70 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
+    if world.distributed and config.batch_size < world.size:
+        raise ValueError(f"batch_size {config.batch_size} is smaller than the number of processes {world.size}")
     if resume:
         start, history = _resume(model, optimizer, out, config)
+    loss_fn = _loss_function(model, device, world)
     for epoch in range(start, config.epochs + 1):
         began = time.perf_counter()
-        loss = _run_epoch(model, optimizer, x_train, config, epoch, device, progress)
-        val = validate(model, x_val.to(device), config, discrete) if x_val is not None else (None, None)
+        loss = _run_epoch(model, loss_fn, optimizer, x_train, config, epoch, device, progress, world)
+        val = (None, None)
+        if x_val is not None and world.is_main:
+            val = validate(model, x_val.to(device), config, discrete)
         record = EpochRecord(epoch, loss, val[0], val[1], time.perf_counter() - began)
         history.records.append(record)
-        if out is not None:
+        if out is not None and world.is_main:
             _save(out, model, optimizer, epoch, config, history, meta)
-        if on_epoch is not None:
+        if on_epoch is not None and world.is_main:
             on_epoch(record, model)
+    barrier(world)
     return history
 
 
-def _run_epoch(model, optimizer, x_train, config, epoch, device, progress) -> float:
-    seed = _epoch_seed(config.seed, epoch)
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
+class _Loss(nn.Module):
+    """``forward(x, generator) = model.loss(x, generator)``, so that DistributedDataParallel sees the call."""
+
+    def __init__(self, model: ITDiffusion):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.model.loss(x, generator=generator)
+
+
+def _loss_function(model: ITDiffusion, device: torch.device, world: World):
+    if not world.distributed:
+        return lambda x, generator: model.loss(x, generator=generator)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if device.type == "cuda" else None
+    # The spectrum buffers never change: no need to broadcast them before every step.
+    return DistributedDataParallel(_Loss(model), device_ids=ids, broadcast_buffers=False)
+
+
+def _epoch_batches(n: int, config: TrainConfig, epoch: int, world: World) -> list[torch.Tensor]:
+    """This process's examples of every batch of the epoch (the same permutation on every process)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch)))
+    batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+    if world.distributed:  # a trailing batch too small to give every process an example is dropped
+        batches = [b[world.rank :: world.size] for b in batches if len(b) >= world.size]
+    return batches
+
+
+def _run_epoch(model, loss_fn, optimizer, x_train, config, epoch, device, progress, world) -> float:
+    seed = _epoch_seed(config.seed, epoch) + _RANK_STRIDE * world.rank
     gen = torch.Generator(device=device).manual_seed(seed + 1)
-    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    batches = _epoch_batches(len(x_train), config, epoch, world)
     model.train()
     total, count = 0.0, 0
-    bar = _progress(len(batches), f"epoch {epoch}/{config.epochs}", progress)
+    bar = _progress(len(batches), f"epoch {epoch}/{config.epochs}", progress and world.is_main)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 2)  # dropout inside the fork only
         for idx in batches:
             x = x_train[idx].to(device)
-            loss = model.loss(x, generator=gen)
+            loss = loss_fn(x, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -169,6 +216,7 @@ def _run_epoch(model, optimizer, x_train, config, epoch, device, progress) -> fl
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.4f}")
     bar.close()
+    total, count = all_sum([total, count], world, device if device.type == "cuda" else "cpu")
     return total / count
 
 

@@ -1,0 +1,304 @@
+"""What ``--model`` names: a registry model, ``small-unet``, a weights file or a run directory.
+
+:func:`resolve_model` turns the argument into a denoiser ``f(z, logsnr) -> eps_hat``:
+
+* a name of :func:`itdiffusion.denoisers.list_models` (the pretrained CIFAR-10 networks;
+  their weights from ``--weights``: a file, a diffusers folder or a Hub repo id);
+* ``small-unet``: a freshly initialised :class:`itdiffusion.nets.SmallUNet` sized to the
+  data, correcting the data's Gaussian-optimal denoiser (:class:`itdiffusion.nets.GaussianResidual`);
+* a weights file of a registry network (``.safetensors``, or a tensors-only ``.pt``):
+  the architecture is recognised from its tensor names and shapes;
+* a diffusers model folder (``config.json`` + safetensors weights);
+* a run directory written by ``itd finetune`` (its last ``checkpoint.safetensors``), or
+  such a checkpoint file.
+
+A run's checkpoint carries, in ``meta["model"]``, a *model description*: JSON from which
+the architecture is rebuilt before its weights are loaded (:func:`describe_registry`,
+:func:`describe_small_unet`, :func:`build_architecture`)::
+
+    {"format": "itdiffusion.model", "version": 1, "kind": "registry", "name": "ddpm-cifar10",
+     "label": "ddpm-cifar10", "shape": [3, 32, 32], "grid": {"lo": -1, "hi": 1, "levels": 256}}
+    {"format": "itdiffusion.model", "version": 1, "kind": "small-unet", "label": "small-unet",
+     "shape": [1, 8, 8], "config": {"channels": 1, "base": 32, "channel_mult": [1, 2], ...},
+     "grid": {...}}
+
+The weights of a run live under the ``denoiser.`` prefix of the checkpoint's model state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .grid import DiscreteGrid
+from .spectrum import GaussianSpectrum
+
+FORMAT = "itdiffusion.model"
+VERSION = 1
+SMALL_UNET = "small-unet"
+RUN_CHECKPOINT = "checkpoint.safetensors"
+_DENOISER_PREFIX = "denoiser."
+
+
+@dataclass
+class LoadedModel:
+    """A resolved ``--model``.
+
+    Attributes:
+        denoiser: ``f(z (B, *shape), logsnr (B,)) -> eps_hat`` (an ``nn.Module``).
+        description: JSON-able model description (see the module docstring).
+        label: a short name for tables and figures.
+        shape: the image shape the model is made for, ``(C, H, W)``.
+        grid: the data grid the model is made for, if known.
+        epoch: the training epoch of a run's checkpoint, else ``None``.
+        run: the run directory it came from, else ``None``.
+    """
+
+    denoiser: nn.Module
+    description: dict
+    label: str
+    shape: tuple[int, ...]
+    grid: DiscreteGrid | None
+    epoch: int | None = None
+    run: Path | None = None
+
+
+def list_names() -> list[str]:
+    """The names ``--model`` accepts besides paths."""
+    from .denoisers import list_models
+
+    return [*list_models(), SMALL_UNET]
+
+
+# ----------------------------------------------------------------------------- descriptions
+def _grid_json(grid: DiscreteGrid | None) -> dict | None:
+    return None if grid is None else {"lo": grid.lo, "hi": grid.hi, "levels": grid.levels}
+
+
+def _grid_from_json(value) -> DiscreteGrid | None:
+    return None if not value else DiscreteGrid(float(value["lo"]), float(value["hi"]), int(value["levels"]))
+
+
+def describe_registry(name: str) -> dict:
+    """Description of registry model ``name`` (its shape and grid from the registry's spec)."""
+    from .denoisers import model_spec
+
+    spec = model_spec(name)
+    grid = DiscreteGrid(float(spec.data_range[0]), float(spec.data_range[1]), int(spec.data_levels))
+    return {"format": FORMAT, "version": VERSION, "kind": "registry", "name": name, "label": name,
+            "shape": list(spec.data_shape), "grid": _grid_json(grid)}
+
+
+def small_unet_config(shape: tuple[int, ...]) -> dict:
+    """:class:`~itdiffusion.nets.SmallUNet` arguments for images of ``shape`` ``(C, H, W)``.
+
+    Down-samples while both sides stay even and at least 8 (at most three times); width 32
+    for images up to 1,024 dimensions, else 64.
+    """
+    if len(shape) != 3:
+        raise ValueError(f"small-unet needs images (C, H, W), got examples of shape {tuple(shape)}")
+    c, h, w = shape
+    n_down = 0
+    while n_down < 3 and h % 2 == 0 and w % 2 == 0 and min(h, w) >= 8:
+        h, w, n_down = h // 2, w // 2, n_down + 1
+    base = 32 if math.prod(shape) <= 1024 else 64
+    return {"channels": int(c), "base": base, "channel_mult": [1] + [2] * n_down, "num_res_blocks": 1,
+            "dropout": 0.0}
+
+
+def describe_small_unet(shape: tuple[int, ...], grid: DiscreteGrid | None = None) -> dict:
+    """Description of a fresh ``small-unet`` for images of ``shape``."""
+    return {"format": FORMAT, "version": VERSION, "kind": SMALL_UNET, "label": SMALL_UNET, "shape": list(shape),
+            "config": small_unet_config(shape), "grid": _grid_json(grid)}
+
+
+def build_architecture(description: dict, spectrum: GaussianSpectrum | None = None) -> nn.Module:
+    """The (randomly initialised) network a description names; load weights into it afterwards.
+
+    ``spectrum`` is the Gaussian a ``small-unet`` corrects (default: a placeholder that
+    the checkpoint's weights replace).
+    """
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise ValueError("the checkpoint has no model description; was it written by itd finetune?")
+    if description.get("version") != VERSION:
+        raise ValueError(f"model description version {description.get('version')!r} is not supported")
+    kind = description.get("kind")
+    if kind == "registry":
+        from .denoisers import build_denoiser
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*randomly initialised")
+            return build_denoiser(description["name"])
+    if kind == SMALL_UNET:
+        from .nets import GaussianResidual, SmallUNet
+
+        shape = tuple(int(s) for s in description["shape"])
+        config = dict(description["config"])
+        config["channel_mult"] = tuple(config["channel_mult"])
+        spectrum = spectrum if spectrum is not None else GaussianSpectrum.isotropic(shape)
+        if tuple(spectrum.shape) != shape:
+            raise ValueError(f"the spectrum is for examples of shape {tuple(spectrum.shape)}, the model for {shape}")
+        return GaussianResidual(SmallUNet(**config, skip=False), spectrum)
+    raise ValueError(f"unknown model kind {kind!r} in the model description")
+
+
+# ----------------------------------------------------------------------------- resolution
+def resolve_model(
+    spec: str,
+    *,
+    weights: str | None = None,
+    spectrum: GaussianSpectrum | None = None,
+    grid: DiscreteGrid | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Turn a ``--model`` argument into a :class:`LoadedModel` (see the module docstring).
+
+    Args:
+        spec: a registry name, ``small-unet``, a weights file, a diffusers folder, a run
+            directory or checkpoint file, or a registry model's Hub repo id.
+        weights: weights of a registry model (a file, diffusers folder or Hub repo id).
+        spectrum: the data's Gaussian (needed by ``small-unet``, which is sized by it).
+        grid: the data's grid (recorded in a fresh ``small-unet``'s description).
+        seed: initialisation seed of a fresh ``small-unet`` (the global RNG is untouched).
+    """
+    from .denoisers import list_models, model_spec
+
+    if weights is not None and spec not in list_models():
+        raise ValueError(f"--weights goes with a registry model name ({', '.join(list_models())}), not {spec!r}")
+    if spec == SMALL_UNET:
+        return _fresh_small_unet(spectrum, grid, seed)
+    if spec in list_models():
+        return _registry(spec, weights, label=spec if weights is None else f"{spec} ({Path(str(weights)).name})")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _from_folder(path)
+    if path.is_file():
+        return _from_file(path)
+    by_repo = [name for name in list_models() if model_spec(name).weights == spec]
+    if by_repo:
+        return _registry(by_repo[0], spec, label=by_repo[0])
+    raise ValueError(f"--model {spec!r}: not a model name ({', '.join(list_names())}) and no such file or folder")
+
+
+def _fresh_small_unet(spectrum, grid, seed) -> LoadedModel:
+    if spectrum is None:
+        raise ValueError("small-unet is sized to the data: give the data's spectrum (--spectrum)")
+    description = describe_small_unet(tuple(spectrum.shape), grid)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        denoiser = build_architecture(description, spectrum.to("cpu"))
+    return LoadedModel(denoiser, description, SMALL_UNET, tuple(spectrum.shape), grid)
+
+
+def _registry(name: str, weights, label: str) -> LoadedModel:
+    from .denoisers import build_denoiser
+
+    description = describe_registry(name)
+    denoiser = build_denoiser(name, weights)
+    return LoadedModel(denoiser, description, label, tuple(description["shape"]),
+                       _grid_from_json(description["grid"]))
+
+
+def _from_folder(path: Path) -> LoadedModel:
+    if (path / RUN_CHECKPOINT).is_file():
+        return load_run(path / RUN_CHECKPOINT)
+    if (path / "config.json").is_file() or (path / "unet" / "config.json").is_file():
+        return _diffusers_folder(path)
+    raise ValueError(f"{path}: neither a run directory (no {RUN_CHECKPOINT}) nor a diffusers model folder "
+                     "(no config.json)")
+
+
+def _diffusers_folder(path: Path) -> LoadedModel:
+    from .denoisers import list_models, model_spec
+
+    names = [n for n in list_models() if model_spec(n).architecture == "diffusers.UNet2DModel"]
+    errors = []
+    for name in names:
+        try:
+            return _registry(name, str(path), label=f"{name} ({path.name})")
+        except ValueError as err:
+            errors.append(str(err))
+    raise ValueError(f"{path}: not the network of a registry model ({'; '.join(errors) or 'none known'})")
+
+
+def _from_file(path: Path) -> LoadedModel:
+    if path.suffix == ".safetensors" and _is_itd_checkpoint(path):
+        return load_run(path)
+    from .denoisers import load_state_dict
+
+    state = load_state_dict(path)
+    name = match_registry({k: tuple(v.shape) for k, v in state.items()})
+    if name is None:
+        raise ValueError(f"{path}: its tensors match no registry model ({', '.join(list_names()[:-1])}); "
+                         "weights of other networks need a model description (write them with itd finetune)")
+    return _registry(name, str(path), label=f"{name} ({path.name})")
+
+
+def _is_itd_checkpoint(path: Path) -> bool:
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        return "itdiffusion" in header.get("__metadata__", {})
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def match_registry(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """The registry model whose network has exactly these tensor names and shapes, if any."""
+    from .denoisers import list_models
+
+    for name in list_models():
+        if _registry_shapes(name) == {k: tuple(v) for k, v in shapes.items()}:
+            return name
+    return None
+
+
+def _registry_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a registry network, built on the meta device (no memory)."""
+    from .denoisers import IDDPMUNet, model_spec
+
+    spec = model_spec(name)
+    with torch.device("meta"):
+        if spec.architecture == "diffusers.UNet2DModel":
+            from diffusers import UNet2DModel
+
+            net = UNet2DModel(**spec.config)
+        else:
+            net = IDDPMUNet(**spec.config)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def load_run(path) -> LoadedModel:
+    """The model of a run directory's ``checkpoint.safetensors`` (or of that file itself)."""
+    from .checkpoint import load_checkpoint
+    from .denoisers import load_into
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / RUN_CHECKPOINT
+    ckpt = load_checkpoint(path)
+    description = ckpt.meta.get("model")
+    denoiser = build_architecture(description)
+    state = {k[len(_DENOISER_PREFIX):]: v for k, v in ckpt.model_state.items() if k.startswith(_DENOISER_PREFIX)}
+    load_into(denoiser, state, source=str(path))
+    label = f"{description.get('label', description['kind'])} ({path.parent.name}, epoch {ckpt.epoch})"
+    return LoadedModel(denoiser, description, label, tuple(description["shape"]),
+                       _grid_from_json(description.get("grid")), epoch=ckpt.epoch, run=path.parent)
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's ``state_dict`` (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
