@@ -231,17 +231,18 @@ class Evaluator:
     ) -> None:
         """Evaluate ``batches`` (tensors ``(B, *shape)`` or ``(x, label)`` pairs), in order.
 
-        With ``checkpoint`` (a path): if it exists, resume from it (it must match, see
-        :meth:`load_progress`) and skip the examples it holds; save progress there at
+        ``batches`` start at example ``index_offset``; the examples this evaluator already
+        holds (from :meth:`load_progress`) are skipped.  With ``checkpoint`` (a path): if
+        it exists and nothing is held yet, resume from it (it must match, see
+        :meth:`load_progress`); save progress there at
         least every ``checkpoint_every`` seconds (0: after every batch), on
         ``KeyboardInterrupt`` and at the end.  Because every example's noise depends only
         on the seed and its index, a resumed run gives the same numbers.
         """
         device = next((b.device for b in self.model.buffers()), torch.device("cpu"))
-        done = 0
-        if checkpoint is not None and Path(checkpoint).exists():
-            done = self.load_progress(checkpoint, checkpoint_meta)
-        last_save, seen = time.monotonic(), 0
+        if checkpoint is not None and self.n_done == 0 and Path(checkpoint).exists():
+            self.load_progress(checkpoint, checkpoint_meta)
+        done, last_save, seen = self.n_done, time.monotonic(), 0
         try:
             for batch in batches:
                 x = _as_tensor(batch)

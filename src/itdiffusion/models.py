@@ -286,12 +286,24 @@ def load_run(path) -> LoadedModel:
         path = path / RUN_CHECKPOINT
     ckpt = load_checkpoint(path)
     description = ckpt.meta.get("model")
-    denoiser = build_architecture(description)
     state = {k[len(_DENOISER_PREFIX):]: v for k, v in ckpt.model_state.items() if k.startswith(_DENOISER_PREFIX)}
+    denoiser = build_architecture(description, _residual_spectrum(state, description))
     load_into(denoiser, state, source=str(path))
     label = f"{description.get('label', description['kind'])} ({path.parent.name}, epoch {ckpt.epoch})"
     return LoadedModel(denoiser, description, label, tuple(description["shape"]),
                        _grid_from_json(description.get("grid")), epoch=ckpt.epoch, run=path.parent)
+
+
+def _residual_spectrum(state: dict, description) -> GaussianSpectrum | None:
+    """The Gaussian a saved ``small-unet`` corrects, from its weights (``None`` for other kinds)."""
+    if not isinstance(description, dict) or description.get("kind") != SMALL_UNET:
+        return None
+    try:
+        eigvecs = state["eigvecs"] if state["eigvecs"].numel() else None
+        return GaussianSpectrum(state["mean"].double(), None if eigvecs is None else eigvecs.double(),
+                                state["log_eigs"].double(), tuple(int(s) for s in description["shape"]))
+    except KeyError as err:
+        raise ValueError(f"the checkpoint lacks the small-unet's Gaussian ({err})") from None
 
 
 def state_fingerprint(module: nn.Module) -> str:

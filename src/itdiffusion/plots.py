@@ -124,3 +124,90 @@ def plot_image_bpd(images: np.ndarray, bpd: np.ndarray, results: Results, path, 
         ax.legend(fontsize=7)
     fig.suptitle(title or "test images by discrete bits/dim (blue: likely, red: unlikely)", fontsize=10)
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- report figures
+def save_figure_as(fig, paths: Sequence) -> None:
+    """Save ``fig`` in every format of ``paths`` (by suffix), each atomically, then close it."""
+    for path in paths:
+        path = Path(path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=path.suffix.lstrip("."), dpi=130, bbox_inches="tight")
+        _io.write_atomic(path, lambda fh, data=buf.getvalue(): fh.write(data))
+    _plt().close(fig)
+
+
+def plot_error_curves(results: Sequence[Results], labels: Sequence[str], paths: Sequence, title: str | None = None):
+    """Mean error curves of several models against the Gaussian mmse, each gap to it shaded.
+
+    Half the area between a model's curve and the Gaussian's is how much its likelihood
+    improves on the Gaussian reference (where the model is below it).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    first = results[0]
+    gauss = first.curves["mmse_gauss_analytic"]
+    ax.plot(first.logsnr, gauss, color="0.3", lw=1.5, ls="--", label="Gaussian mmse")
+    for i, (res, label) in enumerate(zip(results, labels)):
+        color = f"C{i % 10}"
+        ax.plot(res.logsnr, res.curves["mmse"], color=color, lw=1.6, label=label)
+        ref = np.interp(res.logsnr, first.logsnr, gauss)
+        ax.fill_between(res.logsnr, res.curves["mmse"], ref, color=color, alpha=0.12, interpolate=True)
+    ax.set_xlabel("log-SNR a")
+    ax.set_ylabel("E ||eps - eps_hat||^2")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "error curves (shaded: gap to the Gaussian mmse)", fontsize=10)
+    save_figure_as(fig, paths)
+
+
+def has_rounded(results: Results) -> bool:
+    return "mmse_hard" in results.curves or "mmse_soft" in results.curves
+
+
+def plot_rounded_curves(results: Sequence[Results], labels: Sequence[str], paths: Sequence) -> None:
+    """For discrete data: each model's raw error curve against its rounded ones (one panel per model)."""
+    pairs = [(r, label) for r, label in zip(results, labels) if has_rounded(r)]
+    if not pairs:
+        raise ValueError("no results with rounded error curves (discrete data)")
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 3.9), squeeze=False)
+    for ax, (res, label) in zip(axes[0], pairs):
+        mse_axes(ax, res, label="raw", shade=False)
+        for key, color in (("mmse_hard", "C2"), ("mmse_soft", "C1")):
+            if key in res.curves:
+                ax.plot(res.logsnr, res.curves[key], color=color, lw=1.5, label=f"rounded ({key[5:]})")
+        # rounded errors fall to (nearly) zero at high log-SNR: keep the scale of the raw curves
+        shown = [res.curves[k] for k in ("mmse", "mmse_gauss_analytic", "mmse_hard", "mmse_soft") if k in res.curves]
+        floor = min(res.curves["mmse"].min(), res.curves["mmse_gauss_analytic"].min())
+        ax.set_ylim(max(floor, 1e-12) / 100, 3 * max(float(c.max()) for c in shown))
+        ax.legend(fontsize=8)
+        ax.set_title(label, fontsize=10)
+    fig.suptitle("raw and rounded error curves (discrete data)", fontsize=10)
+    save_figure_as(fig, paths)
+
+
+def plot_loss_curves(runs: Sequence[dict], paths: Sequence) -> None:
+    """Training loss and test NLL per epoch, bits/dim; ``runs``: dicts with ``label``, ``epochs``,
+    ``train_bpd``, ``test_bpd`` (entries may be None) and ``test_metric``."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        axes[0].plot(run["epochs"], run["train_bpd"], "o-", color=color, ms=3, label=run["label"])
+        test = [(e, v) for e, v in zip(run["epochs"], run["test_bpd"]) if v is not None]
+        if test:
+            axes[1].plot(*zip(*test), "o-", color=color, ms=3, label=f"{run['label']} ({run['test_metric']})")
+    axes[0].set_title("training loss (continuous -log p, IT objective)", fontsize=10)
+    axes[1].set_title("test NLL", fontsize=10)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("bits/dim")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    save_figure_as(fig, paths)

@@ -1,0 +1,72 @@
+"""Arguments and set-up shared by the pipeline commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DATA_HELP = ("a folder of PNG/JPEG images (searched recursively; with train/ and test/ sub-folders, the split's), "
+             "a .npy array, a CIFAR-10 archive or folder, or a built-in set (digits)")
+MODEL_HELP = ("a registry name (ddpm-cifar10, iddpm-cifar10-vlb), small-unet (fresh, sized to the data), "
+              "a weights file, a diffusers folder, or a run directory written by itd finetune")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_model_args(p) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--weights", help="weights of a registry model: a file, a diffusers folder or a Hub repo id")
+
+
+def add_device_arg(p) -> None:
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu; "
+                   "under torchrun each process takes cuda:LOCAL_RANK)")
+
+
+def start_world(args):
+    """This process's :class:`~itdiffusion.distributed.World` and device; joins the process group."""
+    from ..distributed import device_for, init, world_from_env
+
+    world = world_from_env()
+    device = device_for(world, args.device)
+    init(world, device)
+    return world, device
+
+
+def load_spectrum(path: str):
+    from ..spectrum import GaussianSpectrum
+
+    return GaussianSpectrum.load(Path(path))
+
+
+def check_shapes(data, spectrum, model=None) -> None:
+    """ValueError unless the data, the spectrum and the model agree on the image shape."""
+    if tuple(spectrum.shape) != data.shape:
+        raise ValueError(f"the spectrum is for examples of shape {tuple(spectrum.shape)} but {data.source} holds "
+                         f"images of shape {data.shape}")
+    if model is not None and tuple(model.shape) != data.shape:
+        raise ValueError(f"{model.label} models images of shape {tuple(model.shape)}; {data.source} holds {data.shape}")
+
+
+def say(world, *args) -> None:
+    """Print on the first process only."""
+    if world.is_main:
+        print(*args, flush=True)

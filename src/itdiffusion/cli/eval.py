@@ -1,0 +1,173 @@
+"""``itd eval``: every estimator of the test protocol, resumable and data-parallel."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ._common import DATA_HELP, add_device_arg, add_model_args, positive_int
+
+CHECKPOINT_EVERY = 300.0  # seconds between saves of partial progress
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="estimate the test likelihood with every estimator (resumable; data-parallel under torchrun)",
+        description="Continuous -log p(x), the discrete bound on -log P(x) (data on a grid) and, with --dequantize, "
+        "the dequantized estimate, each with its standard error and Gaussian-clamped variant; mean error "
+        "curves; written as OUT (.json) and its arrays beside it (.npz). Partial progress is saved beside OUT: "
+        "a killed run continues where it stopped when the same command is run again.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_args(p)
+    p.add_argument("--data", required=True, help=DATA_HELP + "; its test split is used")
+    p.add_argument("--spectrum", required=True, help="spectrum .npz of the training data (itd spectrum)")
+    p.add_argument("--out", required=True, help="results file (.json; the arrays go beside it as .npz)")
+    p.add_argument("--points", type=positive_int, default=1000, help="network calls per image and pass")
+    p.add_argument("--soft-round", action="store_true", help="discrete bound with soft (posterior-mean) rounding "
+                   "instead of hard rounding")
+    p.add_argument("--dequantize", action="store_true", help="also estimate the dequantized likelihood "
+                   "(a second network call per point)")
+    p.add_argument("--clip", type=float, help="integration half-width in logistic scales (default: the package's, "
+                   "10; the paper used 4)")
+    p.add_argument("--mode", choices=["grid", "stratified"], default="grid", help="placement of the shared log-SNR "
+                   "points")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the --limit draw)")
+    p.add_argument("--limit", type=positive_int, help="evaluate this many images, drawn at random by --seed")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="(image, point) pairs per network call")
+    p.add_argument("--images-per-step", type=positive_int, help="images evaluated between progress updates and "
+                   "saves (default: as many as fit 2^24 noise values)")
+    p.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY, help="seconds between saves of "
+                   "partial progress (0: after every step)")
+    p.add_argument("--no-per-sample-curves", dest="per_sample_curves", action="store_false",
+                   help="do not keep per-image curves (smaller files; ensembles then have no standard errors)")
+    p.add_argument("--label", help="name of the model in tables and figures")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--fresh", action="store_true", help="discard saved partial progress and start over")
+    add_device_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def progress_path(out: Path, world) -> Path:
+    """Where a process keeps its partial progress: beside ``out``."""
+    suffix = ".partial.npz" if not world.distributed else f".partial-{world.rank}-of-{world.size}.npz"
+    return out.with_name(out.stem + suffix)
+
+
+def _check_args(args, out: Path) -> None:
+    if out.suffix != ".json":
+        raise ValueError(f"--out must name a .json file (its arrays go beside it as .npz), got {out}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    if args.clip is not None and not args.clip > 0:
+        raise ValueError(f"--clip must be positive, got {args.clip}")
+    if args.checkpoint_every < 0:
+        raise ValueError("--checkpoint-every must be >= 0")
+
+
+def run(args) -> int:
+    from ..distributed import shutdown
+    from ._common import start_world
+
+    out = Path(args.out)
+    _check_args(args, out)
+    world, device = start_world(args)
+    try:
+        return _evaluate(args, out, world, device)
+    finally:
+        shutdown(world)
+
+
+def _setup(args, world, device):
+    """Data, model and evaluator for this process's shard (everything validated before any output)."""
+    from ..distributed import shard
+    from ..evaluation import EvalConfig, Evaluator, _NOISE_BUDGET
+    from ..images import load_data
+    from ..model import ITDiffusion
+    from ..models import resolve_model, state_fingerprint
+    from ._common import check_shapes, load_spectrum
+
+    spectrum = load_spectrum(args.spectrum)
+    data = load_data(args.data, "test", limit=args.limit, seed=args.seed)
+    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
+    check_shapes(data, spectrum, loaded)
+    if data.grid is None and (args.soft_round or args.dequantize):
+        raise ValueError(f"{data.source} is continuous (not on a grid): --soft-round and --dequantize need a grid")
+    if len(data) < world.size:
+        raise ValueError(f"{len(data)} images cannot be shared by {world.size} processes")
+    kwargs = {} if args.clip is None else {"clip": args.clip}
+    model = ITDiffusion(loaded.denoiser, spectrum, **kwargs).to(device).eval()
+    config = EvalConfig(n_points=args.points, discrete=data.grid, soft=args.soft_round, dequantize=args.dequantize,
+                        mode=args.mode, seed=args.seed, per_sample_curves=args.per_sample_curves)
+    part = shard(len(data), world)
+    evaluator = Evaluator(model, config, batch_size=args.batch_size, index_offset=part.start)
+    step = args.images_per_step or max(1, _NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
+    identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "processes": world.size}
+    return data, loaded, evaluator, data.x[part.start : part.stop].split(step), identity
+
+
+def _evaluate(args, out: Path, world, device) -> int:
+    from tqdm.auto import tqdm
+
+    from ..distributed import barrier, gather_rows
+    from ..evaluation import Evaluator
+    from ._common import say
+
+    data, loaded, evaluator, batches, identity = _setup(args, world, device)
+    partial = progress_path(out, world)
+    if args.fresh and partial.exists():
+        partial.unlink()
+    if partial.exists():
+        evaluator.load_progress(partial, identity)
+    n_shard = sum(len(b) for b in batches)
+    say(world, f"{loaded.label} on {data.source}: {len(data)} images x {args.points} calls"
+        f"{' x 2 (dequantized)' if args.dequantize else ''}, {world.size} process(es) on {device.type}"
+        + (f"; resuming after {evaluator.n_done} images" if evaluator.n_done else ""))
+    bar = tqdm(total=n_shard, initial=evaluator.n_done, unit="img", desc="eval", dynamic_ncols=True, smoothing=0.05,
+               disable=args.quiet or not world.is_main, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    began = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
+    try:
+        evaluator.run(batches, callback=lambda n: bar.update(n - bar.n), checkpoint=partial,
+                      checkpoint_every=args.checkpoint_every, checkpoint_meta=identity)
+    except KeyboardInterrupt:
+        print(f"itd eval: stopped; progress saved in {partial}: run the same command to continue", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    comm = device if device.type == "cuda" else "cpu"
+    arrays = gather_rows(evaluator.state_arrays(), world, comm)
+    if world.is_main:
+        joined = Evaluator(evaluator.model, evaluator.config, batch_size=evaluator.batch_size)
+        joined.load_state_arrays(arrays)
+        results = joined.results()
+        results.config.update({
+            "model": args.label or loaded.label, "model_arg": args.model, "weights": args.weights, "data": args.data,
+            "spectrum": args.spectrum, "processes": world.size, "seconds": time.perf_counter() - began,
+            "run": None if loaded.run is None else str(loaded.run),
+        })
+        results.save(out)
+        print(results.to_markdown(f"{results.config['model']} on {data.source}"), end="")
+        print(f"wrote {out} and {out.with_suffix('.npz')}")
+    barrier(world)
+    partial.unlink(missing_ok=True)
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,120 @@
+"""``itd finetune``: train a pretrained or fresh denoiser with the information-theoretic objective."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from ._common import DATA_HELP, add_device_arg, add_model_args, positive_float, positive_int
+
+RUN_INFO = "run.json"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune (or train) a denoiser with the IT objective; checkpoints every epoch",
+        description="Adam on the IT objective (a stochastic estimate of -log p(x)). Writes OUT/checkpoint.safetensors "
+        "and OUT/history.json after every epoch; --resume continues exactly where a run stopped. "
+        "Runs data-parallel under torchrun. Paper settings: DDPM lr 1e-4 batch 64, IDDPM lr 2.5e-5 batch 32, "
+        "10 epochs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_args(p)
+    p.add_argument("--data", required=True, help=DATA_HELP + "; its training split is used")
+    p.add_argument("--spectrum", required=True, help="spectrum .npz of the training data (itd spectrum)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--epochs", type=positive_int, default=10, help="total epochs (including resumed ones)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (over all processes)")
+    p.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--test-data", help="evaluate the test NLL after every epoch on this data (its test split)")
+    p.add_argument("--test-points", type=positive_int, default=64, help="network calls per test image")
+    p.add_argument("--test-examples", type=positive_int, default=1000, help="test images (drawn by --seed)")
+    p.add_argument("--test-metric", choices=["auto", "continuous", "discrete"], default="auto",
+                   help="per-epoch test NLL: the continuous -log p(x) (what the training loss estimates) or the "
+                   "discrete bound on -log P(x); auto: discrete for data on a grid")
+    p.add_argument("--limit", type=positive_int, help="train on this many images, drawn at random by --seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation (small-unet), shuffling and noise")
+    add_device_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    from ..train import CHECKPOINT
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a run directory")
+    has_run = (out / CHECKPOINT).is_file()
+    if resume and not has_run:
+        raise ValueError(f"nothing to resume: no {CHECKPOINT} in {out}")
+    if has_run and not resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import _io
+    from ..images import describe, load_data
+    from ..model import ITDiffusion
+    from ..models import resolve_model
+    from ..train import TrainConfig, train
+    from ._common import check_shapes, load_spectrum, say, start_world
+
+    out = Path(args.out)
+    _check_out(out, args.resume)
+    spectrum = load_spectrum(args.spectrum)
+    data = load_data(args.data, "train", limit=args.limit, seed=args.seed)
+    test = load_data(args.test_data, "test", limit=args.test_examples, seed=args.seed) if args.test_data else None
+    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
+    check_shapes(data, spectrum, loaded)
+    if test is not None:
+        check_shapes(test, spectrum)
+    if args.test_metric == "discrete" and (test is None or test.grid is None):
+        raise ValueError("--test-metric discrete needs --test-data on a grid")
+    metric = args.test_metric
+    if metric == "auto":
+        metric = "discrete" if test is not None and test.grid is not None else "continuous"
+    world, device = start_world(args)
+    say(world, describe(data))
+    say(world, f"model: {loaded.label}; {sum(p.numel() for p in loaded.denoiser.parameters()):,} parameters; "
+        f"{world.size} process(es) on {device.type}")
+    model = ITDiffusion(loaded.denoiser, spectrum).to(device)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                         grad_clip=args.grad_clip, val_points=args.test_points, val_examples=None)
+    description = {**loaded.description, "label": _tuned_label(loaded.description["label"]),
+                   "source": {"model": args.model, "data": args.data, "spectrum": args.spectrum}}
+    info = {"model": args.model, "label": description["label"], "data": args.data, "test_data": args.test_data,
+            "spectrum": args.spectrum, "shape": list(data.shape), "d": data.d, "test_metric": metric,
+            "processes": world.size}
+    grid = test.grid if metric == "discrete" else None
+
+    def on_epoch(record, _model):
+        _io.save_json_atomic(out / RUN_INFO, {**info, "epochs_done": record.epoch})
+        line = f"epoch {record.epoch:3d}  train {record.train_loss:10.4f} nats ({_bpd(record.train_loss, data.d):.4f} bpd)"
+        if record.val_nll is not None:
+            line += f"  test {record.val_nll:10.4f} ± {record.val_se:.4f} nats ({_bpd(record.val_nll, data.d):.4f} bpd)"
+        print(line + f"  {record.seconds:.1f} s", flush=True)
+
+    try:
+        train(model, data.x, config, x_val=None if test is None else test.x, discrete=grid, out_dir=out,
+              resume=args.resume, meta=description, progress=not args.quiet, on_epoch=on_epoch, world=world)
+    finally:
+        from ..distributed import shutdown
+
+        shutdown(world)
+    say(world, f"wrote {out}/checkpoint.safetensors, history.json, {RUN_INFO}")
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return 0
+
+
+def _tuned_label(label: str) -> str:
+    return label if label.endswith("IT-tuned") else f"{label}, IT-tuned"
+
+
+def _bpd(nats: float, d: int) -> float:
+    return nats / (d * math.log(2))

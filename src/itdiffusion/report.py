@@ -1,0 +1,204 @@
+"""The paper's tables and figures from evaluation results and training runs.
+
+:func:`write_report` reads nothing itself: give it loaded :class:`~itdiffusion.results.Results`
+(and run histories); it writes
+
+* ``table.md`` / ``table.tex``: bits/dim with standard errors per model and estimator
+  (continuous, discrete, dequantized), plus an ensemble row;
+* ``estimates.md``: every estimate of every model (nats and bits/dim, clamped variants);
+* ``summary.json``: the table's numbers;
+* ``error_curves.png/.pdf``: error curves against the Gaussian mmse with the shaded gap;
+* ``rounded_curves.png/.pdf`` (discrete data): raw against rounded error curves;
+* ``loss_curves.png/.pdf`` (with runs): training loss and test NLL per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _io
+from .results import Estimate, Results, ensemble
+
+COLUMNS = (("continuous", "Continuous"), ("discrete", "Discrete"), ("dequantized_discrete", "Dequantized"))
+FIGURE_FORMATS = ("png", "pdf")
+ENSEMBLE = "Ensemble"
+
+
+@dataclass
+class RunHistory:
+    """Per-epoch numbers of one training run (from its ``history.json`` and ``run.json``)."""
+
+    label: str
+    d: int
+    test_metric: str
+    records: list[dict]
+
+    @classmethod
+    def load(cls, folder) -> "RunHistory":
+        folder = Path(folder)
+        history = folder / "history.json"
+        if not history.is_file():
+            raise ValueError(f"{folder}: not a run directory (no history.json)")
+        records = _read_json(history)
+        info_path = folder / "run.json"
+        if info_path.is_file():
+            info = _read_json(info_path)
+            return cls(str(info.get("label", folder.name)), int(info["d"]), str(info.get("test_metric", "test")),
+                       records)
+        return cls(folder.name, _d_from_checkpoint(folder), "continuous", records)
+
+    def curves(self) -> dict:
+        scale = 1.0 / (self.d * math.log(2))
+        val = [r.get("val_nll") for r in self.records]
+        return {"label": self.label, "epochs": [r["epoch"] for r in self.records],
+                "train_bpd": [r["train_loss"] * scale for r in self.records],
+                "test_bpd": [None if v is None else v * scale for v in val], "test_metric": self.test_metric}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+
+
+def _d_from_checkpoint(folder: Path) -> int:
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(folder / "checkpoint.safetensors")
+    return int(ckpt.model_state["spectrum_mean"].numel())
+
+
+def unique_labels(results: list[Results], names: list[str] | None = None) -> list[str]:
+    """Row labels: ``names`` if given, else each result's model name, made unique."""
+    if names is not None:
+        if len(names) != len(results):
+            raise ValueError(f"{len(names)} names for {len(results)} results")
+        return list(names)
+    labels, seen = [], {}
+    for i, res in enumerate(results):
+        label = str(res.config.get("model") or f"model {i + 1}")
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return labels
+
+
+def try_ensemble(results: list[Results], labels: list[str]) -> tuple[Results | None, str | None]:
+    """The ensemble of all results, or ``None`` and the reason it cannot be formed."""
+    if len(results) < 2:
+        return None, "an ensemble needs at least two results"
+    try:
+        return ensemble(*results, names=labels), None
+    except ValueError as err:
+        return None, f"no ensemble: {err}"
+
+
+def _cell(est: Estimate | None) -> tuple[str, str]:
+    if est is None:
+        return "–", "–"
+    se = "" if math.isnan(est.se_bpd) else f" ± {est.se_bpd:.4f}"
+    se_tex = "" if math.isnan(est.se_bpd) else rf" $\pm$ {est.se_bpd:.4f}"
+    return f"{est.bpd:.4f}{se}", f"{est.bpd:.4f}{se_tex}"
+
+
+def table_rows(rows: list[tuple[str, Results]]) -> list[dict]:
+    """``[{model, continuous: {nats, se_nats, bpd, se_bpd} | None, ...}]`` for the table's columns."""
+    out = []
+    for label, res in rows:
+        est = res.estimates()
+        row = {"model": label, "n_examples": res.n_examples, "d": res.d}
+        for key, _ in COLUMNS:
+            e = est.get(key)
+            row[key] = None if e is None else {"nats": e.nats, "se_nats": e.se_nats, "bpd": e.bpd, "se_bpd": e.se_bpd}
+        out.append(row)
+    return out
+
+
+def markdown_table(rows: list[tuple[str, Results]], note: str | None = None) -> str:
+    lines = ["| Model | " + " | ".join(f"{title} (bits/dim)" for _, title in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for label, res in rows:
+        est = res.estimates()
+        lines.append(f"| {label} | " + " | ".join(_cell(est.get(key))[0] for key, _ in COLUMNS) + " |")
+    text = "\n".join(lines) + "\n"
+    return text + (f"\n{note}\n" if note else "")
+
+
+def latex_table(rows: list[tuple[str, Results]], caption: str | None = None) -> str:
+    body = [r"\begin{tabular}{l" + "r" * len(COLUMNS) + "}", r"\toprule",
+            "Model & " + " & ".join(title for _, title in COLUMNS) + r" \\", r"\midrule"]
+    for label, res in rows:
+        est = res.estimates()
+        if label == ENSEMBLE:
+            body.append(r"\midrule")
+        body.append(_tex_escape(label) + " & " + " & ".join(_cell(est.get(key))[1] for key, _ in COLUMNS) + r" \\")
+    body += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        body = [r"\begin{table}", r"\centering", *body, rf"\caption{{{_tex_escape(caption)}}}", r"\end{table}"]
+    return "\n".join(body) + "\n"
+
+
+def _tex_escape(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                          ("$", r"\$")):
+        text = text.replace(char, escaped)
+    return text
+
+
+CAPTION = ("Test negative log-likelihood in bits/dim with standard errors. Continuous: -log p(x); discrete: the "
+           "upper bound on -log P(x) from the rounded error; dequantized: -log p(x+u) - log2(delta) per dim. "
+           "The ensemble takes, at every log-SNR, the best mean error of the models and the Gaussian, chosen "
+           "on the test data itself (slightly optimistic).")
+
+
+def write_report(results: list[Results], out, *, names: list[str] | None = None, runs: list[RunHistory] = (),
+                 formats=FIGURE_FORMATS) -> list[Path]:
+    """Write the tables and figures listed in the module docstring into ``out``; returns the files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if not results and not runs:
+        raise ValueError("nothing to report: give results files and/or runs")
+    labels = unique_labels(results, names)
+    rows = list(zip(labels, results))
+    ens, why_not = try_ensemble(results, labels) if results else (None, None)
+    if ens is not None:
+        rows.append((ENSEMBLE, ens))
+    written: list[Path] = []
+
+    def emit(name: str, text: str) -> None:
+        _io.write_atomic(out / name, lambda fh: fh.write(text.encode()))
+        written.append(out / name)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if results:
+        emit("table.md", markdown_table(rows, why_not) + "\n" + CAPTION + "\n")
+        emit("table.tex", latex_table(rows, CAPTION))
+        emit("estimates.md", "\n".join(res.to_markdown(label) for label, res in rows))
+        _io.save_json_atomic(out / "summary.json", {"rows": table_rows(rows), "ensemble_note": why_not,
+                                                    "caption": CAPTION})
+        written.append(out / "summary.json")
+        written += _figures(results, labels, out, formats)
+    if runs:
+        from .plots import plot_loss_curves
+
+        paths = [out / f"loss_curves.{f}" for f in formats]
+        plot_loss_curves([r.curves() for r in runs], paths)
+        written += paths
+    return written
+
+
+def _figures(results: list[Results], labels: list[str], out: Path, formats) -> list[Path]:
+    from .plots import has_rounded, plot_error_curves, plot_rounded_curves
+
+    paths = [out / f"error_curves.{f}" for f in formats]
+    plot_error_curves(results, labels, paths)
+    written = list(paths)
+    if any(has_rounded(r) for r in results):
+        paths = [out / f"rounded_curves.{f}" for f in formats]
+        plot_rounded_curves(results, labels, paths)
+        written += paths
+    return written
