@@ -85,6 +85,13 @@ def _grid_from_json(value) -> DiscreteGrid | None:
     return None if not value else DiscreteGrid(float(value["lo"]), float(value["hi"]), int(value["levels"]))
 
 
+def registry_shape(spec: str) -> tuple[int, ...] | None:
+    """The image shape a registry model is made for, without building it (``None`` for other specs)."""
+    from .denoisers import list_models, model_spec
+
+    return tuple(model_spec(spec).data_shape) if spec in list_models() else None
+
+
 def describe_registry(name: str) -> dict:
     """Description of registry model ``name`` (its shape and grid from the registry's spec)."""
     from .denoisers import model_spec

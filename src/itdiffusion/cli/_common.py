@@ -70,3 +70,19 @@ def say(world, *args) -> None:
     """Print on the first process only."""
     if world.is_main:
         print(*args, flush=True)
+
+
+def check_registry_model(args, data, *, need_weights: bool) -> None:
+    """Cheap checks of a registry ``--model`` before its network is built."""
+    from ..models import registry_shape
+
+    shape = registry_shape(args.model)
+    if shape is None:
+        return
+    if need_weights and args.weights is None:
+        from ..denoisers import model_spec
+
+        raise ValueError(f"{args.model} needs --weights (published: {model_spec(args.model).weights}); "
+                         "without them the network is random")
+    if shape != data.shape:
+        raise ValueError(f"{args.model} models images of shape {shape}; {data.source} holds {data.shape}")

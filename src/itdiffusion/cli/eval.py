@@ -92,10 +92,11 @@ def _setup(args, world, device):
     from ..images import load_data
     from ..model import ITDiffusion
     from ..models import resolve_model, state_fingerprint
-    from ._common import check_shapes, load_spectrum
+    from ._common import check_registry_model, check_shapes, load_spectrum
 
     spectrum = load_spectrum(args.spectrum)
     data = load_data(args.data, "test", limit=args.limit, seed=args.seed)
+    check_registry_model(args, data, need_weights=True)
     loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
     check_shapes(data, spectrum, loaded)
     if data.grid is None and (args.soft_round or args.dequantize):

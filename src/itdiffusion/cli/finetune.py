@@ -63,13 +63,14 @@ def run(args) -> int:
     from ..model import ITDiffusion
     from ..models import resolve_model
     from ..train import TrainConfig, train
-    from ._common import check_shapes, load_spectrum, say, start_world
+    from ._common import check_registry_model, check_shapes, load_spectrum, say, start_world
 
     out = Path(args.out)
     _check_out(out, args.resume)
     spectrum = load_spectrum(args.spectrum)
     data = load_data(args.data, "train", limit=args.limit, seed=args.seed)
     test = load_data(args.test_data, "test", limit=args.test_examples, seed=args.seed) if args.test_data else None
+    check_registry_model(args, data, need_weights=False)
     loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
     check_shapes(data, spectrum, loaded)
     if test is not None:

@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help=DATA_HELP + "; its training split is used")
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--diagonal", action="store_true", help="per-pixel variances only (no eigenvectors)")
+    p.add_argument("--dequantize", action="store_true", help="the spectrum of x + u, u uniform over one grid step: "
+                   "adds delta^2/12 to every eigenvalue (exactly). Recommended when some pixels are constant (digits): "
+                   "it keeps the Gaussian reference of dequantized data from degenerating")
     p.add_argument("--max-samples", type=positive_int, help="use this many images, drawn at random by --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-samples draw")
     p.set_defaults(func=run)
@@ -41,12 +44,28 @@ def run(args) -> int:
         raise ValueError(f"a full covariance of {data.d} dimensions needs more than {data.d} images (got "
                          f"{len(data)}); pass --diagonal or use more images")
     spectrum = GaussianSpectrum.from_batches(data.x.split(BATCH), diagonal=args.diagonal)
+    if args.dequantize:
+        spectrum = _dequantized(spectrum, data)
     spectrum.save(out)
     eigs = spectrum.log_eigs.exp()
-    kind = "diagonal" if args.diagonal else "full"
+    kind = ("diagonal" if args.diagonal else "full") + (" dequantized" if args.dequantize else "")
     print(f"{kind} spectrum of {len(data)} images, d = {spectrum.d}: eigenvalues {eigs.min().item():.3g} .. "
           f"{eigs.max().item():.3g}")
     print(f"integration loc = {spectrum.loc:.4f}, scale = {spectrum.scale:.4f}; Gaussian entropy "
           f"{spectrum.entropy():.2f} nats ({spectrum.entropy() / (spectrum.d * math.log(2)):.4f} bits/dim)")
     print(f"wrote {out}")
     return 0
+
+
+def _dequantized(spectrum, data):
+    """The spectrum of ``x + u``, ``u ~ U(-delta/2, delta/2)^d`` independent of ``x``: same mean and
+    eigenvectors, every eigenvalue raised by ``delta^2 / 12``."""
+    import torch
+
+    from ..spectrum import GaussianSpectrum
+
+    if data.grid is None:
+        raise ValueError(f"--dequantize needs data on a grid; {data.source} is continuous")
+    added = math.log(data.grid.delta**2 / 12.0)
+    log_eigs = torch.logaddexp(spectrum.log_eigs, torch.full_like(spectrum.log_eigs, added))
+    return GaussianSpectrum(spectrum.mean, spectrum.eigvecs, log_eigs, spectrum.shape)

@@ -1,0 +1,187 @@
+"""The image pipeline through the CLI: spectrum -> finetune -> eval -> report on digits.
+
+Also: a two-process (torchrun, gloo) evaluation equals the one-process one, and a killed
+evaluation resumed with the same command equals an uninterrupted one.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from itdiffusion import Results
+from itdiffusion.cli import main
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+EVAL_ARGS = ["--data", "digits", "--quiet", "--device", "cpu"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # one thread, as in this process (see conftest)
+    return env
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """spectrum -> finetune (1 epoch) through the CLI; returns paths and the seconds it took."""
+    root = tmp_path_factory.mktemp("pipeline")
+    began = time.perf_counter()
+    spectrum = root / "spectrum.npz"
+    assert main(["spectrum", "--data", "digits", "--out", str(spectrum), "--dequantize"]) == 0
+    run = root / "run"
+    assert main(["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum),
+                 "--out", str(run), "--epochs", "1", "--limit", "256", "--batch-size", "32", "--lr", "2e-3",
+                 "--grad-clip", "1", "--test-data", "digits", "--test-examples", "32", "--test-points", "16",
+                 "--quiet", "--device", "cpu"]) == 0
+    return {"root": root, "spectrum": spectrum, "run": run, "seconds": time.perf_counter() - began}
+
+
+def _eval(model, spectrum, out, *extra):
+    args = ["eval", "--model", str(model), "--spectrum", str(spectrum), "--out", str(out), *EVAL_ARGS, *extra]
+    assert main(args) == 0, args
+
+
+def test_digits_end_to_end_through_the_cli(pipeline, capsys):
+    began = time.perf_counter()
+    root, spectrum, run = pipeline["root"], pipeline["spectrum"], pipeline["run"]
+    assert {p.name for p in run.iterdir()} == {"checkpoint.safetensors", "history.json", "run.json"}
+    history = json.loads((run / "history.json").read_text())
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"]) and math.isfinite(history[0]["val_nll"])
+    tuned, fresh = root / "tuned.json", root / "fresh.json"
+    _eval(run, spectrum, tuned, "--points", "24", "--limit", "32", "--dequantize")
+    _eval("small-unet", spectrum, fresh, "--points", "24", "--limit", "32", "--dequantize", "--label", "Gaussian")
+    report = root / "report"
+    assert main(["report", str(tuned), str(fresh), "--runs", str(run), "--out", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "| Ensemble |" in printed
+    names = {p.name for p in report.iterdir()}
+    expected = {"table.md", "table.tex", "estimates.md", "summary.json"}
+    for stem in ("error_curves", "rounded_curves", "loss_curves"):
+        expected |= {f"{stem}.png", f"{stem}.pdf"}
+    assert names == expected
+    for name in expected:
+        assert (report / name).stat().st_size > 100, name
+
+    d = 64
+    for path in (tuned, fresh):
+        saved = json.loads(path.read_text())
+        res, again = Results.load(path), Results.load(path.with_suffix(".npz"))
+        assert res.summary() == saved["estimates"] == again.summary()  # reloads identically
+        assert res.n_examples == 32 and set(saved["estimates"]) >= {"continuous", "discrete", "dequantized_discrete"}
+        for est in saved["estimates"].values():
+            assert all(math.isfinite(v) for v in est.values())
+            assert est["bpd"] == pytest.approx(est["nats"] / (d * math.log(2)), rel=1e-12)
+            assert est["se_bpd"] == pytest.approx(est["se_nats"] / (d * math.log(2)), rel=1e-12)
+
+    rows = {r["model"]: r for r in json.loads((report / "summary.json").read_text())["rows"]}
+    members = [rows[k] for k in rows if k != "Ensemble"]
+    assert len(members) == 2 and "Gaussian" in rows
+    for column in ("continuous", "discrete", "dequantized_discrete"):
+        best = min(m[column]["nats"] for m in members)
+        # per-image curves are stored in float32: the ensemble's sums carry ~1e-6 nats of rounding
+        assert rows["Ensemble"][column]["nats"] <= best + 1e-5, column
+        assert math.isfinite(rows["Ensemble"][column]["se_nats"])
+    assert rows["Gaussian"]["discrete"]["bpd"] == Results.load(fresh)["discrete"].bpd
+    table = (report / "table.md").read_text()
+    assert f"{rows['Gaussian']['discrete']['bpd']:.4f}" in table
+    assert pipeline["seconds"] + time.perf_counter() - began < 120
+
+
+def test_two_processes_give_the_one_process_result(pipeline):
+    root, spectrum, run = pipeline["root"], pipeline["spectrum"], pipeline["run"]
+    one, two = root / "one.json", root / "two.json"
+    args = ["--points", "16", "--limit", "22", "--dequantize", "--soft-round"]
+    _eval(run, spectrum, one, *args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "itdiffusion.cli", "eval", "--model", str(run), "--spectrum", str(spectrum), "--out", str(two),
+           *EVAL_ARGS, *args]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = Results.load(one), Results.load(two)
+    assert b.config["processes"] == 2 and a.config["processes"] == 1 and b.n_examples == a.n_examples == 22
+    for name, est in a.estimates().items():
+        assert b[name].nats == pytest.approx(est.nats, rel=1e-9, abs=1e-9), name
+        assert b[name].se_nats == pytest.approx(est.se_nats, rel=1e-6), name
+    for key, curve in a.curves.items():
+        np.testing.assert_allclose(b.curves[key], curve, rtol=1e-9, atol=1e-12, err_msg=key)
+    for name, term in a.terms.items():
+        np.testing.assert_allclose(b.terms[name].nll, term.nll, rtol=1e-9, atol=1e-9, err_msg=name)
+    assert not list(root.glob("two.partial*"))
+
+
+def test_killed_eval_resumes_with_the_same_command(pipeline, capsys):
+    root, spectrum, run = pipeline["root"], pipeline["spectrum"], pipeline["run"]
+    out, partial = root / "killed.json", root / "killed.partial.npz"
+    args = ["eval", "--model", str(run), "--spectrum", str(spectrum), "--out", str(out), *EVAL_ARGS,
+            "--points", "128", "--limit", "40", "--images-per-step", "4", "--checkpoint-every", "0", "--dequantize"]
+    proc = subprocess.Popen([sys.executable, "-m", "itdiffusion.cli", *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert partial.exists() and not out.exists(), "the evaluation finished before it could be killed"
+    with np.load(partial, allow_pickle=False) as saved:
+        n_saved = json.loads(bytes(saved["meta"]).decode())["n_done"]
+    assert 0 < n_saved < 40
+    capsys.readouterr()
+    assert main(args) == 0  # the same command again
+    assert f"resuming after {n_saved} images" in capsys.readouterr().out
+    assert out.exists() and not partial.exists()
+    reference = root / "uninterrupted.json"
+    assert main(args[:6] + [str(reference)] + args[7:]) == 0
+    a, b = Results.load(reference), Results.load(out)
+    assert a.summary() == b.summary()
+    for key in a.curves:
+        assert np.array_equal(a.curves[key], b.curves[key]), key
+    for name in a.terms:
+        assert np.array_equal(a.terms[name].nll, b.terms[name].nll), name
+
+
+def test_eval_refuses_bad_input_before_writing(pipeline, capsys, tmp_path):
+    spectrum, run = pipeline["spectrum"], pipeline["run"]
+    base = ["eval", "--model", str(run), "--spectrum", str(spectrum), *EVAL_ARGS, "--points", "8", "--limit", "4"]
+    cases = [
+        (["--out", str(tmp_path / "r.txt")], "must name a .json"),
+        (["--out", str(tmp_path / "r.json"), "--model", "nonsense"], "not a model name"),
+        (["--out", str(tmp_path / "r.json"), "--data", str(tmp_path / "none")], "no such file or folder"),
+        (["--out", str(tmp_path / "r.json"), "--model", "ddpm-cifar10"], "needs --weights"),
+        (["--out", str(tmp_path / "r.json"), "--model", "ddpm-cifar10", "--weights", "w.pt"], "images of shape (3, 32, 32)"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "r.json").write_text("{}")
+    assert main(base + ["--out", str(tmp_path / "r.json")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_finetune_resume_and_refusals(pipeline, tmp_path, capsys):
+    spectrum = pipeline["spectrum"]
+    args = ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--limit", "64",
+            "--batch-size", "32", "--quiet", "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert main(args + ["--epochs", "1"]) == 0
+    assert main(args + ["--epochs", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--epochs", "2", "--resume"]) == 0
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2] and history[0]["val_nll"] is None
+    # fine-tuning a run further starts a new run from its weights
+    assert main(args[:2] + [str(tmp_path / "run")] + args[3:-1] + [str(tmp_path / "run2"), "--epochs", "1"]) == 0
+    info = json.loads((tmp_path / "run2" / "run.json").read_text())
+    assert info["model"] == str(tmp_path / "run") and info["label"] == "small-unet, IT-tuned"
+    assert main(args[:-1] + [str(tmp_path / "run3"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "run3").exists()
