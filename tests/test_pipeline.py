@@ -185,3 +185,37 @@ def test_finetune_resume_and_refusals(pipeline, tmp_path, capsys):
     assert main(args[:-1] + [str(tmp_path / "run3"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
     assert not (tmp_path / "run3").exists()
+
+
+def test_two_process_finetune_writes_one_run(pipeline, tmp_path):
+    spectrum = pipeline["spectrum"]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "itdiffusion.cli", "finetune", "--model", "small-unet", "--data", "digits", "--spectrum",
+           str(spectrum), "--out", str(out), "--epochs", "2", "--limit", "96", "--batch-size", "32",
+           "--test-data", "digits", "--test-examples", "16", "--test-points", "8", "--quiet", "--device", "cpu"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch   1") == 1  # only the first process prints
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2] and all(math.isfinite(r["val_nll"]) for r in history)
+    assert json.loads((out / "run.json").read_text())["processes"] == 2
+    from itdiffusion.models import load_run
+
+    assert load_run(out).epoch == 2
+
+
+def test_spectrum_command(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["spectrum", "--data", "digits", "--out", str(out), "--max-samples", "10"]) == 2
+    assert "--diagonal" in capsys.readouterr().err and not out.exists()
+    assert main(["spectrum", "--data", "digits", "--out", str(out), "--max-samples", "10", "--diagonal"]) == 0
+    assert "diagonal spectrum of 10 images" in capsys.readouterr().out
+    from itdiffusion import GaussianSpectrum
+    from itdiffusion.images import load_data
+
+    spec = GaussianSpectrum.load(out)
+    assert spec.diagonal and spec.shape == (1, 8, 8)
+    assert main(["spectrum", "--data", "digits", "--out", str(tmp_path / "dq.npz"), "--dequantize"]) == 0
+    deq, plain = GaussianSpectrum.load(tmp_path / "dq.npz"), GaussianSpectrum.from_data(load_data("digits").x)
+    torch.testing.assert_close(deq.log_eigs.exp(), plain.log_eigs.exp() + 0.125**2 / 12)
