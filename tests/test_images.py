@@ -28,7 +28,10 @@ class _Py2Pickler(pickle._Pickler):
 
     def save_py2_str(self, obj):
         n = len(obj)
-        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
         self.memoize(obj)
 
     dispatch[bytes] = save_py2_str

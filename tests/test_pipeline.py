@@ -156,7 +156,8 @@ def test_eval_refuses_bad_input_before_writing(pipeline, capsys, tmp_path):
         (["--out", str(tmp_path / "r.json"), "--model", "nonsense"], "not a model name"),
         (["--out", str(tmp_path / "r.json"), "--data", str(tmp_path / "none")], "no such file or folder"),
         (["--out", str(tmp_path / "r.json"), "--model", "ddpm-cifar10"], "needs --weights"),
-        (["--out", str(tmp_path / "r.json"), "--model", "ddpm-cifar10", "--weights", "w.pt"], "images of shape (3, 32, 32)"),
+        (["--out", str(tmp_path / "r.json"), "--model", "ddpm-cifar10", "--weights", "w.pt"],
+         "images of shape (3, 32, 32)"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2

@@ -92,3 +92,18 @@ def test_global_rng_is_untouched():
     torch.manual_seed(42)
     train(model, x, TrainConfig(epochs=1, batch_size=100), progress=False)
     assert torch.equal(torch.rand(1), before)
+
+
+def test_dequantized_training_is_deterministic_and_differs(tmp_path):
+    cfg = TrainConfig(epochs=1, lr=3e-3, batch_size=100, dequantize=0.1)
+    runs = []
+    for _ in range(2):
+        model, x, _ = make_model()
+        train(model, x, cfg, progress=False)
+        runs.append(model.state_dict())
+    plain, x, _ = make_model()
+    train(plain, x, TrainConfig(epochs=1, lr=3e-3, batch_size=100), progress=False)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], plain.state_dict()[k]) for k in runs[0])
+    with pytest.raises(ValueError, match="dequantize"):
+        TrainConfig(dequantize=-1.0).validate()

@@ -101,7 +101,9 @@ def all_sum(values: list[float], world: World, device: torch.device | str = "cpu
     return t.cpu().tolist()
 
 
-def gather_rows(arrays: dict[str, np.ndarray], world: World, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+def gather_rows(
+    arrays: dict[str, np.ndarray], world: World, device: torch.device | str = "cpu"
+) -> dict[str, np.ndarray]:
     """Concatenate every process's per-example arrays in rank order, on every process.
 
     Each array is ``(n_rank, ...)``; ``n_rank`` may differ between processes, the other

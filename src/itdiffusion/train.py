@@ -46,6 +46,7 @@ class TrainConfig:
     grad_clip: float | None = None
     val_points: int = 64  # network calls per validation example
     val_examples: int | None = 1000  # validate on at most this many examples
+    dequantize: float = 0.0  # add uniform noise of this width (e.g. the grid step) to every training batch
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "val_points"):
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip!r}")
+        if not (self.dequantize >= 0 and math.isfinite(self.dequantize)):
+            raise ValueError(f"dequantize must be a non-negative width, got {self.dequantize!r}")
 
 
 @dataclass
@@ -204,6 +207,9 @@ def _run_epoch(model, loss_fn, optimizer, x_train, config, epoch, device, progre
         torch.manual_seed(seed + 2)  # dropout inside the fork only
         for idx in batches:
             x = x_train[idx].to(device)
+            if config.dequantize:
+                u = torch.rand(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(device)
+                x = x + config.dequantize * (u - 0.5)
             loss = loss_fn(x, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -234,7 +240,7 @@ def _save(out: Path, model, optimizer, epoch, config, history, meta) -> None:
     _io.save_json_atomic(out / HISTORY, history.to_json())
 
 
-_MUST_MATCH = ("lr", "batch_size", "seed", "grad_clip", "val_points", "val_examples")
+_MUST_MATCH = ("lr", "batch_size", "seed", "grad_clip", "val_points", "val_examples", "dequantize")
 
 
 def _resume(model, optimizer, out: Path | None, config: TrainConfig):
