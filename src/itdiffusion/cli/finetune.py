@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dequantize", action="store_true", help="train on x + u, u uniform over one grid step: the "
                    "objective then bounds the discrete -log P(x) (as the dequantized estimate of itd eval does); "
                    "helps on coarse grids such as digits. The paper trained on the grid values")
+    p.add_argument("--clip", type=positive_float, help="half-width of the training log-SNR range in logistic scales "
+                   "(default: the package's, 10; the published code used 4)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--test-data", help="evaluate the test NLL after every epoch on this data (its test split)")
     p.add_argument("--test-points", type=positive_int, default=64, help="network calls per test image")
@@ -89,7 +91,8 @@ def run(args) -> int:
     say(world, describe(data))
     say(world, f"model: {loaded.label}; {sum(p.numel() for p in loaded.denoiser.parameters()):,} parameters; "
         f"{world.size} process(es) on {device.type}")
-    model = ITDiffusion(loaded.denoiser, spectrum).to(device)
+    model = ITDiffusion(loaded.denoiser, spectrum, **({} if args.clip is None else {"train_clip": args.clip}))
+    model = model.to(device)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                          grad_clip=args.grad_clip, val_points=args.test_points, val_examples=None,
                          dequantize=data.grid.delta if args.dequantize else 0.0)
@@ -97,7 +100,7 @@ def run(args) -> int:
                    "source": {"model": args.model, "data": args.data, "spectrum": args.spectrum}}
     info = {"model": args.model, "label": description["label"], "data": args.data, "test_data": args.test_data,
             "spectrum": args.spectrum, "shape": list(data.shape), "d": data.d, "test_metric": metric,
-            "dequantize": args.dequantize, "processes": world.size}
+            "dequantize": args.dequantize, "train_clip": model.train_clip, "processes": world.size}
     grid = test.grid if metric == "discrete" else None
 
     def on_epoch(record, _model):
