@@ -29,6 +29,18 @@ def _as_float64_2d(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(len(x), -1).to(torch.float64)
 
 
+def _softplus_minus_sigmoid(u: torch.Tensor) -> torch.Tensor:
+    """``softplus(u) - sigmoid(u) = Int_{-inf}^u sigmoid(v)^2 dv`` (float64), non-negative and increasing.
+
+    For very negative ``u`` both terms are ``~ e^u`` while their difference is ``~ e^(2u) / 2``:
+    there the power series ``sum_{k>=2} (-1)^k (k-1)/k t^k`` in ``t = e^u`` is used instead
+    (for ``u < -6`` the first seven terms are exact to float64 precision).
+    """
+    t = torch.exp(u.clamp(max=-6.0))
+    series = t * t * (1 / 2 - t * (2 / 3 - t * (3 / 4 - t * (4 / 5 - t * (5 / 6 - t * (6 / 7 - t * 7 / 8))))))
+    return torch.where(u < -6.0, series, F.softplus(u) - torch.sigmoid(u))
+
+
 @dataclass(frozen=True, eq=False)
 class GaussianSpectrum:
     """Mean ``(d,)``, eigenvectors ``(d, d)`` (columns; ``None`` for the diagonal
@@ -193,7 +205,7 @@ class GaussianSpectrum:
         upper = torch.as_tensor(logsnr, dtype=torch.float64, device=y.device).reshape(-1, 1)
         u = upper + self.log_eigs
         s = torch.sigmoid(u)
-        return (F.softplus(u) - s + y * y * torch.exp(-self.log_eigs) * s).sum(1)
+        return (_softplus_minus_sigmoid(u) + y * y * torch.exp(-self.log_eigs) * s).sum(1)
 
     # ----------------------------------------------------------------- files
     def save(self, path) -> None:
