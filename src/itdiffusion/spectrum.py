@@ -224,12 +224,12 @@ class GaussianSpectrum:
         arrays = _io.load_npz(path)
         meta = _io.read_meta(arrays, path, FORMAT, VERSION)
         try:
-            eigvecs = torch.from_numpy(arrays["eigvecs"]) if "eigvecs" in arrays else None
+            real = lambda key: torch.from_numpy(_io.real_array(arrays, key))  # noqa: E731
             return cls(
-                mean=torch.from_numpy(arrays["mean"]).double(),
-                eigvecs=None if eigvecs is None else eigvecs.double(),
-                log_eigs=torch.from_numpy(arrays["log_eigs"]).double(),
+                mean=real("mean"),
+                eigvecs=real("eigvecs") if "eigvecs" in arrays else None,
+                log_eigs=real("log_eigs"),
                 shape=tuple(int(s) for s in meta["shape"]),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: not a valid spectrum file ({err})") from None
