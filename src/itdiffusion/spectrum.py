@@ -66,23 +66,32 @@ class GaussianSpectrum:
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_data(
-        cls, x: torch.Tensor, *, diagonal: bool = False, rel_floor: float = DEFAULT_REL_FLOOR
+        cls, x: torch.Tensor, *, diagonal: bool = False, rel_floor: float = DEFAULT_REL_FLOOR,
+        added_variance: float = 0.0,
     ) -> "GaussianSpectrum":
-        """Spectrum of samples ``x`` of shape ``(n, *shape)``, computed in float64."""
+        """Spectrum of samples ``x`` of shape ``(n, *shape)``, computed in float64.
+
+        See :meth:`from_batches` for ``rel_floor`` and ``added_variance``.
+        """
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(np.asarray(x))
         if x.dim() < 2 or len(x) < 2:
             raise ValueError(f"need at least 2 samples of shape (n, *shape), got {tuple(x.shape)}")
-        return cls.from_batches([x], diagonal=diagonal, rel_floor=rel_floor)
+        return cls.from_batches([x], diagonal=diagonal, rel_floor=rel_floor, added_variance=added_variance)
 
     @classmethod
     def from_batches(
-        cls, batches: Iterable[torch.Tensor], *, diagonal: bool = False, rel_floor: float = DEFAULT_REL_FLOOR
+        cls, batches: Iterable[torch.Tensor], *, diagonal: bool = False, rel_floor: float = DEFAULT_REL_FLOOR,
+        added_variance: float = 0.0,
     ) -> "GaussianSpectrum":
         """Spectrum accumulated over batches ``(b, *shape)`` (first and second moments, float64).
 
-        Eigenvalues below ``rel_floor`` times their mean are raised to it, so that constant
-        pixels do not give ``log 0``; any reference Gaussian keeps the estimators exact.
+        ``added_variance`` is added to every eigenvalue: ``delta^2 / 12`` gives the covariance
+        of data on a grid of spacing ``delta`` after uniform dequantization, the right
+        reference for dequantized estimates (and a harmless one for discrete ones).
+        Eigenvalues below ``rel_floor`` times their mean are then raised to it, so that
+        constant pixels do not give ``log 0``; any reference Gaussian keeps the estimators
+        exact.
         """
         n, total, outer, shape = 0, None, None, None
         for xb in batches:
@@ -111,6 +120,9 @@ class GaussianSpectrum:
         else:
             cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
             eigs, eigvecs = torch.linalg.eigh(0.5 * (cov + cov.T))
+        if added_variance < 0:
+            raise ValueError(f"added_variance must be non-negative, got {added_variance}")
+        eigs = eigs + added_variance
         floor = rel_floor * max(eigs.clamp_min(0).mean().item(), 1e-300)
         return cls(mean=mean, eigvecs=eigvecs, log_eigs=eigs.clamp_min(floor).log(), shape=shape)
 
