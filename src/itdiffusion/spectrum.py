@@ -29,6 +29,18 @@ def _as_float64_2d(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(len(x), -1).to(torch.float64)
 
 
+def _softplus_minus_sigmoid(u: torch.Tensor) -> torch.Tensor:
+    """``softplus(u) - sigmoid(u) = Int_{-inf}^u sigmoid(v)^2 dv`` (float64), non-negative and increasing.
+
+    For very negative ``u`` both terms are ``~ e^u`` while their difference is ``~ e^(2u) / 2``:
+    there the power series ``sum_{k>=2} (-1)^k (k-1)/k t^k`` in ``t = e^u`` is used instead
+    (for ``u < -6`` the first seven terms are exact to float64 precision).
+    """
+    t = torch.exp(u.clamp(max=-6.0))
+    series = t * t * (1 / 2 - t * (2 / 3 - t * (3 / 4 - t * (4 / 5 - t * (5 / 6 - t * (6 / 7 - t * 7 / 8))))))
+    return torch.where(u < -6.0, series, F.softplus(u) - torch.sigmoid(u))
+
+
 @dataclass(frozen=True, eq=False)
 class GaussianSpectrum:
     """Mean ``(d,)``, eigenvectors ``(d, d)`` (columns; ``None`` for the diagonal
@@ -205,7 +217,7 @@ class GaussianSpectrum:
         upper = torch.as_tensor(logsnr, dtype=torch.float64, device=y.device).reshape(-1, 1)
         u = upper + self.log_eigs
         s = torch.sigmoid(u)
-        return (F.softplus(u) - s + y * y * torch.exp(-self.log_eigs) * s).sum(1)
+        return (_softplus_minus_sigmoid(u) + y * y * torch.exp(-self.log_eigs) * s).sum(1)
 
     # ----------------------------------------------------------------- files
     def save(self, path) -> None:
@@ -224,12 +236,12 @@ class GaussianSpectrum:
         arrays = _io.load_npz(path)
         meta = _io.read_meta(arrays, path, FORMAT, VERSION)
         try:
-            eigvecs = torch.from_numpy(arrays["eigvecs"]) if "eigvecs" in arrays else None
+            real = lambda key: torch.from_numpy(_io.real_array(arrays, key))  # noqa: E731
             return cls(
-                mean=torch.from_numpy(arrays["mean"]).double(),
-                eigvecs=None if eigvecs is None else eigvecs.double(),
-                log_eigs=torch.from_numpy(arrays["log_eigs"]).double(),
+                mean=real("mean"),
+                eigvecs=real("eigvecs") if "eigvecs" in arrays else None,
+                log_eigs=real("log_eigs"),
                 shape=tuple(int(s) for s in meta["shape"]),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: not a valid spectrum file ({err})") from None
