@@ -38,6 +38,8 @@ class DemoSettings:
     n_train: int | None = None  # None: the data set's default split
     n_test: int | None = None
     val_examples: int = 500
+    density_grid: int = 70  # points per axis of the density plots
+    density_points: int = 128  # network calls per plotted point
 
 
 # 2-D sets are generated, so the demo draws more points than the default split: with
@@ -48,8 +50,7 @@ SETTINGS_2D = DemoSettings(epochs=80, lr=2e-3, batch_size=256, eval_points=512, 
 SETTINGS_IMAGES = DemoSettings(epochs=40, lr=2e-3, batch_size=64, eval_points=200, val_points=32)
 # A smoke test: the same pipeline in seconds (numbers are not meaningful).
 SETTINGS_QUICK = DemoSettings(epochs=2, lr=2e-3, batch_size=128, eval_points=16, val_points=8,
-                              n_train=512, n_test=64, val_examples=32)
-DENSITY_GRID = 70  # points per axis of the density plots
+                              n_train=512, n_test=64, val_examples=32, density_grid=20, density_points=8)
 DENSITY_SNAPSHOTS = 4
 
 
@@ -83,7 +84,7 @@ def build_model(name: str, shape: tuple[int, ...], spectrum: GaussianSpectrum) -
     return ITDiffusion(GaussianResidual(net, spectrum), spectrum), {"dataset": name, **config}
 
 
-def _density_grid(points: torch.Tensor, n: int = DENSITY_GRID):
+def _density_grid(points: torch.Tensor, n: int):
     lo, hi = points.min(0).values, points.max(0).values
     pad = 0.15 * (hi - lo)
     lo, hi = (lo - pad).tolist(), (hi + pad).tolist()
@@ -93,7 +94,7 @@ def _density_grid(points: torch.Tensor, n: int = DENSITY_GRID):
 
 
 @torch.no_grad()
-def _learned_density(model: ITDiffusion, mesh: torch.Tensor, n_points: int = 128) -> np.ndarray:
+def _learned_density(model: ITDiffusion, mesh: torch.Tensor, n_points: int) -> np.ndarray:
     """``-log p`` on the plot grid, every grid point with the same noise (common random numbers).
 
     Sharing the noise removes the point-to-point speckle of independent estimates, so the
@@ -108,7 +109,8 @@ def _learned_density(model: ITDiffusion, mesh: torch.Tensor, n_points: int = 128
         eps = noise.eps.expand(len(chunk), *noise.eps.shape[1:])
         errs = model.stratum_errors(chunk, logsnr, eps, layout)
         out.append(model.integrand(chunk, errs, logsnr).nll(weights))
-    return torch.cat(out).cpu().numpy().reshape(DENSITY_GRID, DENSITY_GRID)
+    side = int(round(math.sqrt(len(mesh))))
+    return torch.cat(out).cpu().numpy().reshape(side, side)
 
 
 def run_demo(
@@ -146,10 +148,10 @@ def run_demo(
 
     snapshots, mesh, extent = [], None, None
     if not image:
-        mesh, extent = _density_grid(ds.train)
+        mesh, extent = _density_grid(ds.train, settings.density_grid)
         keep = set(np.unique(np.linspace(0, epochs, DENSITY_SNAPSHOTS).round().astype(int)).tolist())
         if 0 in keep:
-            snapshots.append(("epoch 0 (Gaussian)", _learned_density(model, mesh)))
+            snapshots.append(("epoch 0 (Gaussian)", _learned_density(model, mesh, settings.density_points)))
 
     def on_epoch(record, model):
         if not verbose:
@@ -162,7 +164,7 @@ def run_demo(
 
     def _snapshot(epoch):
         if mesh is not None and epoch in keep:
-            snapshots.append((f"epoch {epoch}", _learned_density(model, mesh)))
+            snapshots.append((f"epoch {epoch}", _learned_density(model, mesh, settings.density_points)))
 
     history = train(model, ds.train, config, x_val=ds.test, discrete=grid, out_dir=out, meta=description,
                     progress=progress, on_epoch=on_epoch)
@@ -172,7 +174,7 @@ def run_demo(
     results.config["model"] = f"demo-{ds.name}"
     results.save(out / "results.json")
     metrics = _metrics(ds, results, history, time.perf_counter() - began)
-    _plots(ds, model, results, snapshots, extent, out)
+    _plots(ds, results, snapshots, extent, out, settings.density_grid)
     _io.save_json_atomic(out / "metrics.json", metrics)
     log(_table(metrics))
     log(f"wrote {out}/: metrics.json, results.json/.npz, mse.png, " + ("density.png" if not image else "images.png")
@@ -222,7 +224,7 @@ def _table(m: dict) -> str:
     return "\n".join(lines)
 
 
-def _plots(ds, model, results, snapshots, extent, out: Path) -> None:
+def _plots(ds, results, snapshots, extent, out: Path, side: int) -> None:
     from . import plots
 
     title = f"{ds.name}: model error vs Gaussian mmse"
@@ -230,8 +232,8 @@ def _plots(ds, model, results, snapshots, extent, out: Path) -> None:
     if snapshots:
         panels = list(snapshots)
         if ds.true_nll is not None:
-            mesh, _ = _density_grid(ds.train)
-            panels.append(("exact", ds.true_nll(mesh).double().numpy().reshape(DENSITY_GRID, DENSITY_GRID)))
+            mesh, _ = _density_grid(ds.train, side)
+            panels.append(("exact", ds.true_nll(mesh).double().numpy().reshape(side, side)))
         plots.plot_density_grid(panels, extent, ds.train[:2000].numpy(), out / "density.png",
                                 title=f"{ds.name}: learned -log p(x) over training")
     elif ds.grid is not None:
