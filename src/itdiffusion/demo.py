@@ -47,7 +47,7 @@ class DemoSettings:
 # the sampling error of the test mean near 0.015 nats.
 SETTINGS_2D = DemoSettings(epochs=80, lr=2e-3, batch_size=256, eval_points=512, val_points=32,
                            n_train=20_000, n_test=5_000)
-SETTINGS_IMAGES = DemoSettings(epochs=40, lr=2e-3, batch_size=64, eval_points=200, val_points=32)
+SETTINGS_IMAGES = DemoSettings(epochs=15, lr=2e-3, batch_size=64, eval_points=200, val_points=32)
 # A smoke test: the same pipeline in seconds (numbers are not meaningful).
 SETTINGS_QUICK = DemoSettings(epochs=2, lr=2e-3, batch_size=128, eval_points=16, val_points=8,
                               n_train=512, n_test=64, val_examples=32, density_grid=20, density_points=8)

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         "and write metrics and figures.",
     )
     p.add_argument("--dataset", default=None, help="moons (default), circles, square, swissroll, scg, gmm, digits")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 60 for 2-D sets, 40 for digits)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 80 for 2-D sets, 15 for digits)")
     p.add_argument("--out", default=None, help="output directory (default: runs/demo-DATASET)")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation and training")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
