@@ -108,13 +108,15 @@ def test_two_processes_give_the_one_process_result(pipeline):
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = Results.load(one), Results.load(two)
     assert b.config["processes"] == 2 and a.config["processes"] == 1 and b.n_examples == a.n_examples == 22
+    # Each image's noise is the same in both runs; only how images are batched into network calls
+    # differs, which moves float32 network outputs by rounding (relative ~1e-7).
     for name, est in a.estimates().items():
-        assert b[name].nats == pytest.approx(est.nats, rel=1e-9, abs=1e-9), name
-        assert b[name].se_nats == pytest.approx(est.se_nats, rel=1e-6), name
+        assert b[name].nats == pytest.approx(est.nats, rel=1e-6, abs=1e-6), name
+        assert b[name].se_nats == pytest.approx(est.se_nats, rel=1e-5), name
     for key, curve in a.curves.items():
-        np.testing.assert_allclose(b.curves[key], curve, rtol=1e-9, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(b.curves[key], curve, rtol=1e-6, atol=1e-9, err_msg=key)
     for name, term in a.terms.items():
-        np.testing.assert_allclose(b.terms[name].nll, term.nll, rtol=1e-9, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(b.terms[name].nll, term.nll, rtol=1e-6, atol=1e-6, err_msg=name)
     assert not list(root.glob("two.partial*"))
 
 
@@ -219,4 +221,5 @@ def test_spectrum_command(tmp_path, capsys):
     assert spec.diagonal and spec.shape == (1, 8, 8)
     assert main(["spectrum", "--data", "digits", "--out", str(tmp_path / "dq.npz"), "--dequantize"]) == 0
     deq, plain = GaussianSpectrum.load(tmp_path / "dq.npz"), GaussianSpectrum.from_data(load_data("digits").x)
-    torch.testing.assert_close(deq.log_eigs.exp(), plain.log_eigs.exp() + 0.125**2 / 12)
+    # delta^2 / 12 is added to every eigenvalue (before the floor that keeps constant pixels finite)
+    torch.testing.assert_close(deq.log_eigs.exp(), plain.log_eigs.exp() + 0.125**2 / 12, atol=1e-5, rtol=1e-6)

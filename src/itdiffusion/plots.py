@@ -22,12 +22,13 @@ def _plt():
     return plt
 
 
-def save_figure(fig, path) -> None:
-    """Save ``fig`` to ``path`` (format from the suffix) atomically, then close it."""
+def save_figure(fig, path, close: bool = True) -> None:
+    """Save ``fig`` to ``path`` (format from the suffix) atomically, then close it (unless ``close=False``)."""
     path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=130, bbox_inches="tight")
-    _plt().close(fig)
+    if close:
+        _plt().close(fig)
     _io.write_atomic(path, lambda fh: fh.write(buf.getvalue()))
 
 
@@ -130,10 +131,7 @@ def plot_image_bpd(images: np.ndarray, bpd: np.ndarray, results: Results, path, 
 def save_figure_as(fig, paths: Sequence) -> None:
     """Save ``fig`` in every format of ``paths`` (by suffix), each atomically, then close it."""
     for path in paths:
-        path = Path(path)
-        buf = io.BytesIO()
-        fig.savefig(buf, format=path.suffix.lstrip("."), dpi=130, bbox_inches="tight")
-        _io.write_atomic(path, lambda fh, data=buf.getvalue(): fh.write(data))
+        save_figure(fig, path, close=False)
     _plt().close(fig)
 
 

@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
                    "helps on coarse grids such as digits. The paper trained on the grid values")
     p.add_argument("--clip", type=positive_float, help="half-width of the training log-SNR range in logistic scales "
                    "(default: the package's, 10; the published code used 4)")
+    p.add_argument("--proposal", choices=["uniform", "logistic"], default="uniform", help="how the training "
+                   "log-SNR is drawn in its range (the published code: logistic)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="learning rate "
+                   "over the run (cosine: decays to 0 over all epochs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--test-data", help="evaluate the test NLL after every epoch on this data (its test split)")
     p.add_argument("--test-points", type=positive_int, default=64, help="network calls per test image")
@@ -91,16 +95,18 @@ def run(args) -> int:
     say(world, describe(data))
     say(world, f"model: {loaded.label}; {sum(p.numel() for p in loaded.denoiser.parameters()):,} parameters; "
         f"{world.size} process(es) on {device.type}")
-    model = ITDiffusion(loaded.denoiser, spectrum, **({} if args.clip is None else {"train_clip": args.clip}))
+    clip = {} if args.clip is None else {"train_clip": args.clip}
+    model = ITDiffusion(loaded.denoiser, spectrum, train_proposal=args.proposal, **clip)
     model = model.to(device)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                         grad_clip=args.grad_clip, val_points=args.test_points, val_examples=None,
+                         grad_clip=args.grad_clip, lr_schedule=args.lr_schedule, val_points=args.test_points, val_examples=None,
                          dequantize=data.grid.delta if args.dequantize else 0.0)
     description = {**loaded.description, "label": _tuned_label(loaded.description["label"]),
                    "source": {"model": args.model, "data": args.data, "spectrum": args.spectrum}}
     info = {"model": args.model, "label": description["label"], "data": args.data, "test_data": args.test_data,
             "spectrum": args.spectrum, "shape": list(data.shape), "d": data.d, "test_metric": metric,
-            "dequantize": args.dequantize, "train_clip": model.train_clip, "processes": world.size}
+            "dequantize": args.dequantize, "train_clip": model.train_clip, "proposal": args.proposal,
+            "processes": world.size}
     grid = test.grid if metric == "discrete" else None
 
     def on_epoch(record, _model):

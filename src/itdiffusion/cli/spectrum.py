@@ -43,9 +43,10 @@ def run(args) -> int:
     if not args.diagonal and len(data) <= data.d:
         raise ValueError(f"a full covariance of {data.d} dimensions needs more than {data.d} images (got "
                          f"{len(data)}); pass --diagonal or use more images")
-    spectrum = GaussianSpectrum.from_batches(data.x.split(BATCH), diagonal=args.diagonal)
-    if args.dequantize:
-        spectrum = _dequantized(spectrum, data)
+    if args.dequantize and data.grid is None:
+        raise ValueError(f"--dequantize needs data on a grid; {data.source} is continuous")
+    added = data.grid.delta**2 / 12.0 if args.dequantize else 0.0  # the variance of u ~ U(-delta/2, delta/2)
+    spectrum = GaussianSpectrum.from_batches(data.x.split(BATCH), diagonal=args.diagonal, added_variance=added)
     spectrum.save(out)
     eigs = spectrum.log_eigs.exp()
     kind = ("diagonal" if args.diagonal else "full") + (" dequantized" if args.dequantize else "")
@@ -56,16 +57,3 @@ def run(args) -> int:
     print(f"wrote {out}")
     return 0
 
-
-def _dequantized(spectrum, data):
-    """The spectrum of ``x + u``, ``u ~ U(-delta/2, delta/2)^d`` independent of ``x``: same mean and
-    eigenvectors, every eigenvalue raised by ``delta^2 / 12``."""
-    import torch
-
-    from ..spectrum import GaussianSpectrum
-
-    if data.grid is None:
-        raise ValueError(f"--dequantize needs data on a grid; {data.source} is continuous")
-    added = math.log(data.grid.delta**2 / 12.0)
-    log_eigs = torch.logaddexp(spectrum.log_eigs, torch.full_like(spectrum.log_eigs, added))
-    return GaussianSpectrum(spectrum.mean, spectrum.eigvecs, log_eigs, spectrum.shape)
