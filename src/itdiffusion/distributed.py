@@ -56,7 +56,7 @@ def device_for(world: World, requested: str | None = None) -> torch.device:
     device = torch.device(kind)
     if device.type == "cuda" and device.index is None and world.distributed:
         device = torch.device("cuda", world.local_rank)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
 

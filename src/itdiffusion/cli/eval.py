@@ -126,7 +126,10 @@ def _evaluate(args, out: Path, world, device) -> int:
     if args.fresh and partial.exists():
         partial.unlink()
     if partial.exists():
-        evaluator.load_progress(partial, identity)
+        try:
+            evaluator.load_progress(partial, identity)
+        except ValueError as err:
+            raise ValueError(f"{err} (or pass --fresh)") from None
     n_shard = sum(len(b) for b in batches)
     say(world, f"{loaded.label} on {data.source}: {len(data)} images x {args.points} calls"
         f"{' x 2 (dequantized)' if args.dequantize else ''}, {world.size} process(es) on {device.type}"
