@@ -243,3 +243,19 @@ def test_wrapper_passes_attributes_and_arguments_through():
     z = torch.ones(2, 5)
     out = wrapped(z, torch.zeros(2), y=torch.tensor([2.0, 3.0]))
     assert out.dtype == torch.float32 and out[:, 0].tolist() == [2.0, 3.0]
+
+
+# ----------------------------------------------------------------------------- Gaussian control variate
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_gaussian_error_in_the_eigenbasis_equals_the_direct_one(diagonal):
+    gen = torch.Generator().manual_seed(3)
+    data = torch.randn(300, 12, generator=gen, dtype=torch.float64) @ torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    spec = itd.GaussianSpectrum.from_data(data + 0.3, diagonal=diagonal)
+    x = data[:7]
+    eps = torch.randn(7, 12, generator=gen, dtype=torch.float64)
+    logsnr = torch.tensor([-30.0, -8.0, -1.0, 0.0, 3.0, 9.0, 30.0], dtype=torch.float64)
+    z = add_noise(x, logsnr, eps)
+    direct = ((eps - spec.denoise(z, logsnr)) ** 2).sum(1)
+    fast = spec.denoise_error(x, logsnr, eps)
+    assert torch.allclose(fast, direct, rtol=1e-9, atol=1e-12)
+    assert torch.equal(spec.denoise_error(x, logsnr, eps, x_eig=spec.to_eigenbasis(x)), fast)

@@ -71,7 +71,7 @@ class DiscreteGrid:
             )
 
     def soft_round_index(
-        self, x_hat: torch.Tensor, logsnr: torch.Tensor, *, max_elements: int = softround.DEFAULT_MAX_ELEMENTS
+        self, x_hat: torch.Tensor, logsnr: torch.Tensor, *, max_elements: int | None = None
     ) -> torch.Tensor:
         """Posterior-mean grid index of each element of ``x_hat`` (float64, ``x_hat``'s shape).
 
@@ -80,12 +80,13 @@ class DiscreteGrid:
         ``E[k] = sum_k k p_k``, ``p_k ~ exp(-(x_hat - v_k)^2 e^a / 2)``.  Computed without the
         ``(levels, *x_hat.shape)`` weights: a window of levels at high SNR, a closed form at
         low SNR (see :mod:`itdiffusion.softround`); equal to the full sum to float64
-        tolerance, with temporaries of at most ``max_elements`` elements.
+        tolerance, with temporaries of about ``max_elements`` elements in all (default:
+        :func:`itdiffusion.softround.default_max_elements` of the device).
 
         Args:
             x_hat: ``(B, *shape)`` estimates in data units.
             logsnr: ``(B,)`` log-SNR of each example.
-            max_elements: bound on the size of each temporary tensor.
+            max_elements: bound on the elements of the temporaries alive at once.
         """
         tau = torch.exp(-0.5 * logsnr.double().reshape(-1)) / self.delta  # noise std in grid steps
         return softround.soft_round_index(self.levels, self.index(x_hat.double()), tau, max_elements=max_elements)

@@ -187,6 +187,7 @@ class ITDiffusion(nn.Module):
         discrete: DiscreteGrid | None = None,
         roundings: Sequence[str] = (),
         clamp: tuple[float, float] | None = None,
+        x_eig: torch.Tensor | None = None,
     ) -> Errors:
         """Squared errors of one network call on ``z = channel(x, logsnr, eps)``.
 
@@ -195,6 +196,7 @@ class ITDiffusion(nn.Module):
             roundings: any of ``"hard"``, ``"soft"``, computed from the same ``x_hat``.
             clamp: ``(lo, hi)`` to clamp ``x_hat`` into before the raw error (valid when the
                 data lie in that interval: projecting can only move ``x_hat`` closer).
+            x_eig: ``spectrum.to_eigenbasis(x)`` when already computed (saves a product).
         """
         z = add_noise(x, logsnr, eps)
         eps_hat = self._denoise_checked(z, logsnr)
@@ -205,8 +207,8 @@ class ITDiffusion(nn.Module):
         if clamp is not None:
             clamped = x_hat.clamp(*clamp)
             diff = torch.where(clamped != x_hat, torch.exp(0.5 * a) * (x.double() - clamped), diff)
-        diff_g = eps.double() - self.spectrum.denoise(z, logsnr).double()
-        errs = Errors(raw=(diff * diff).flatten(1).sum(1), gauss=(diff_g * diff_g).flatten(1).sum(1))
+        errs = Errors(raw=(diff * diff).flatten(1).sum(1),
+                      gauss=self.spectrum.denoise_error(x, logsnr, eps, x_eig=x_eig))
         if roundings:
             if discrete is None:
                 raise ValueError("rounding needs a DiscreteGrid (discrete=...)")
@@ -240,9 +242,14 @@ class ITDiffusion(nn.Module):
         logsnr = logsnr.to(x.device).expand(n_examples, n_points).reshape(-1)
         pairs_x = x.unsqueeze(1).expand(n_examples, n_points, *self.shape).reshape(-1, *self.shape)
         pairs_eps = eps.reshape(-1, *self.shape)
+        pairs_eig = None
+        if self.spectrum_eigvecs.numel() and "x_eig" not in kwargs:  # rotate each example once, not per point
+            x_eig = self.spectrum.to_eigenbasis(x)
+            pairs_eig = x_eig.unsqueeze(1).expand(n_examples, n_points, x_eig.shape[1]).reshape(-1, x_eig.shape[1])
         step = len(logsnr) if batch_size is None else int(batch_size)
         parts = [
-            self.errors(pairs_x[i : i + step], logsnr[i : i + step], pairs_eps[i : i + step], **kwargs)
+            self.errors(pairs_x[i : i + step], logsnr[i : i + step], pairs_eps[i : i + step],
+                        **({} if pairs_eig is None else {"x_eig": pairs_eig[i : i + step]}), **kwargs)
             for i in range(0, len(logsnr), step)
         ]
         return Errors.cat(parts).map(lambda t: t.reshape(n_examples, n_points))

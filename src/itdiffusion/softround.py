@@ -25,8 +25,9 @@ The published code materialises all ``L`` weights of every element.  Here each r
   posterior falls steeply from the edge (beyond ``SLOPE_MAX * tau^2`` index units) go to a
   short window at that edge instead.
 
-Memory is ``O(batch * d)``: temporaries are bounded by ``max_elements`` per chunk
-(rows and window levels are processed in slices), never by ``levels * batch * d``.
+Memory: besides the input and the result, the temporaries alive at once hold about
+``max_elements`` elements (rows and window levels are processed in slices), whatever the
+batch or the number of levels; never ``levels * batch * d``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ TAU_CLOSED = 2.5
 SLOPE_MAX = 0.5
 """Closed form only while ``t`` lies within ``SLOPE_MAX * tau^2`` steps outside the grid."""
 
-DEFAULT_MAX_ELEMENTS = 2**22
-"""Default bound on the elements of one temporary tensor (float64: 32 MiB)."""
+DEFAULT_MAX_ELEMENTS = {"cpu": 2**20}
+"""Default bound on the temporaries' elements alive at once, per device type (float64:
+8 MiB on a CPU); ``FALLBACK_MAX_ELEMENTS`` on other devices (fewer, larger kernels)."""
+FALLBACK_MAX_ELEMENTS = 2**24
+
+_CLOSED_TEMPORARIES = 25  # tensors of the slice's size alive at once in closed_form_mean
+_WINDOW_TEMPORARIES = 6  # ... in window_mean, besides 4 per visited level of a chunk
 
 # Midpoint Euler-Maclaurin coefficients B_2j(1/2) / (2j)!, j = 1..5.
 _EM_COEFFS = (-1.0 / 24.0, 7.0 / 5760.0, -31.0 / 967680.0, 127.0 / 154828800.0, -2555.0 / 122624409600.0)
@@ -55,8 +61,13 @@ _SQRT_HALF_PI = math.sqrt(0.5 * math.pi)
 _GL_NODES, _GL_WEIGHTS = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(10))
 
 
+def default_max_elements(device: torch.device | str) -> int:
+    """The default temporary budget of :func:`soft_round_index` on ``device``."""
+    return DEFAULT_MAX_ELEMENTS.get(torch.device(device).type, FALLBACK_MAX_ELEMENTS)
+
+
 def soft_round_index(
-    levels: int, t: torch.Tensor, tau: torch.Tensor, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+    levels: int, t: torch.Tensor, tau: torch.Tensor, *, max_elements: int | None = None
 ) -> torch.Tensor:
     """Posterior-mean grid index for fractional indices ``t`` ``(B, *shape)`` (float64).
 
@@ -64,7 +75,8 @@ def soft_round_index(
         levels: number of grid levels ``L`` (indices ``0..L-1``).
         t: ``(B, *shape)`` fractional grid coordinates of ``x_hat``.
         tau: ``(B,)`` noise standard deviation of each row, in grid steps (> 0).
-        max_elements: bound on the size of each temporary tensor.
+        max_elements: approximate bound on the elements of all temporaries alive at once
+            (besides ``t`` and the result); default :func:`default_max_elements`.
 
     Returns:
         ``E[k]``, float64, ``t``'s shape.
@@ -78,7 +90,7 @@ def soft_round_index(
     out = torch.empty_like(t)
     if t.numel() == 0:
         return out.reshape(shape)
-    budget = max(1, int(max_elements))
+    budget = max(1, int(default_max_elements(t.device) if max_elements is None else max_elements))
     closed = tau >= TAU_CLOSED
     n_closed = int(closed.sum())
     if n_closed:
@@ -104,8 +116,7 @@ def _row_slices(rows: torch.Tensor | None, n_rows: int, per_row: int, budget: in
 
 def _window_rows(levels, t, tau, rows, half, out, budget) -> None:
     d = t.shape[1]
-    width = min(2 * half + 1, levels)
-    for sel in _row_slices(rows, len(t), d * min(width, 8), budget):
+    for sel in _row_slices(rows, len(t), d * (_WINDOW_TEMPORARIES + 4), budget):
         tt = t[sel]
         c = (0.5 / tau[sel] ** 2).unsqueeze(1)
         out[sel] = window_mean(levels, tt, c, half, budget)
@@ -117,14 +128,17 @@ def window_mean(levels: int, t: torch.Tensor, c: torch.Tensor, half: int, budget
     ``c = 1 / (2 tau^2)`` broadcasts against ``t``.  With ``2 half + 1 >= levels`` every
     level is visited once.  The weight of level ``k0 + j`` relative to the nearest level
     ``k0`` is ``exp(c j (2 e - j))``, ``e = t - k0``: never above 1, so nothing overflows.
+    Levels are visited in chunks of ``(budget / t.numel() - 6) / 4`` (at least one).
     """
+    n = max(1, t.numel())
+    chunk_max = max(1, (budget - _WINDOW_TEMPORARIES * n) // (4 * n))
     k0 = t.round().clamp(0, levels - 1)
     e2 = 2.0 * (t - k0)
     total = torch.zeros_like(t)
     first = torch.zeros_like(t)
     view = (-1,) + (1,) * t.dim()
     if 2 * half + 1 >= levels:  # every level, once: j = k - k0 per element
-        chunk = max(1, min(levels, budget // max(1, t.numel())))
+        chunk = min(levels, chunk_max)
         for start in range(0, levels, chunk):
             k = torch.arange(start, min(levels, start + chunk), dtype=t.dtype, device=t.device).reshape(view)
             j = k - k0
@@ -134,7 +148,7 @@ def window_mean(levels: int, t: torch.Tensor, c: torch.Tensor, half: int, budget
     else:
         lo, hi = -k0, (levels - 1) - k0  # valid offsets of each element
         steps = torch.arange(-half, half + 1, dtype=t.dtype, device=t.device)
-        chunk = max(1, min(len(steps), budget // max(1, t.numel())))
+        chunk = min(len(steps), chunk_max)
         for start in range(0, len(steps), chunk):
             j = steps[start : start + chunk].reshape(view)
             p = torch.exp((c * j) * (e2 - j))
@@ -146,8 +160,7 @@ def window_mean(levels: int, t: torch.Tensor, c: torch.Tensor, half: int, budget
 
 def _closed_rows(levels, t, tau, rows, out, budget) -> None:
     d = t.shape[1]
-    # ~20 temporaries of the slice's size live at once.
-    for sel in _row_slices(rows, len(t), d * 20, budget):
+    for sel in _row_slices(rows, len(t), d * _CLOSED_TEMPORARIES, budget):
         tt, tr = t[sel], tau[sel].unsqueeze(1)
         mean, steep = closed_form_mean(levels, tt, tr)
         if bool(steep.any()):

@@ -180,6 +180,27 @@ class GaussianSpectrum:
     def __call__(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
         return self.denoise(z, logsnr)
 
+    def denoise_error(
+        self, x: torch.Tensor, logsnr: torch.Tensor, eps: torch.Tensor, *, x_eig: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``||eps - denoise(z)||^2`` for ``z = channel(x, logsnr, eps)``, float64 ``(B,)``.
+
+        Computed in the eigen-basis, where the rotation keeps the norm: with
+        ``y_e = U^T eps``, ``y_x = U^T (x - mu)`` and ``l = log lambda``, the residual is
+        ``sigmoid(a + l) y_e - e^(a/2) sigmoid(-(a + l)) y_x`` (exact, in float64, and one
+        ``d x d`` product per call instead of two; none with ``x_eig`` given).
+
+        Args:
+            x, eps: ``(B, *shape)``; ``logsnr``: ``(B,)``.
+            x_eig: ``to_eigenbasis(x)`` if already known (e.g. shared by many calls).
+        """
+        a = logsnr.to(torch.float64).reshape(-1, 1)
+        y_x = self.to_eigenbasis(x) if x_eig is None else x_eig.to(torch.float64)
+        y_e = self.to_eigenbasis(eps, shift=0.0)
+        u = a + self.log_eigs
+        resid = torch.sigmoid(u) * y_e - torch.exp(0.5 * a + F.logsigmoid(-u)) * y_x
+        return (resid * resid).sum(1)
+
     def error_integral(self, x: torch.Tensor, logsnr: torch.Tensor | float) -> torch.Tensor:
         """``Int_{-inf}^{A} E_eps ||eps - eps_g(z_a)||^2 da`` for each example of ``x``, float64 ``(B,)``.
 
