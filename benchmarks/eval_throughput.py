@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import itdiffusion as itd  # noqa: E402
 from _bench import (  # noqa: E402
-    Counting, add_common_args, ddpm_setup, digits_setup, interleaved, machine, median, print_machine, set_threads,
-    synthetic_images, write_json,
+    Counting, add_common_args, ddpm_setup, digits_setup, machine, median, print_machine, set_threads,
+    synthetic_images, timed, write_json,
 )
 from published_loop import published_evaluation  # noqa: E402
 
@@ -54,14 +54,15 @@ def compare(name: str, net, x, spectrum, grid, n_points: int, batch: int, repeat
 
     with torch.no_grad():  # warm-up: one network call of the batch size
         counter(x[:batch], torch.zeros(min(batch, len(x))))
-    calls = {}
-    for variant, fn in (("package", package), ("published", published)):
-        counter.examples = 0
-        fn()
-        calls[variant] = counter.examples / (len(x) * n_points)
-    times = interleaved({"package": package, "published": published}, repeats=repeats, warmup=0)
-    t_pkg, t_pub = median(times["package"]), median(times["published"])
     pairs = len(x) * n_points
+    fns = {"package": package, "published": published}
+    times, calls = {name: [] for name in fns}, {}
+    for _ in range(repeats):  # alternate, so that changes in the machine's load hit both alike
+        for variant, fn in fns.items():
+            counter.examples = 0
+            times[variant].append(timed(fn))
+            calls[variant] = counter.examples / pairs
+    t_pkg, t_pub = median(times["package"]), median(times["published"])
     row = {
         "network": name, "images": len(x), "points": n_points, "batch": batch, "repeats": repeats,
         "package_seconds": t_pkg, "published_seconds": t_pub,
@@ -84,9 +85,11 @@ def main() -> None:
     info = machine()
     print_machine(info)
     if args.quick:
-        digits_size, ddpm_size = dict(images=128, n_points=16, batch=128, repeats=2), dict(images=4, n_points=2, batch=4, repeats=1)
+        digits_size = dict(images=128, n_points=16, batch=128, repeats=3)
+        ddpm_size = dict(images=4, n_points=4, batch=4, repeats=1)
     else:
-        digits_size, ddpm_size = dict(images=256, n_points=64, batch=256, repeats=3), dict(images=8, n_points=4, batch=8, repeats=2)
+        digits_size = dict(images=256, n_points=64, batch=256, repeats=5)
+        ddpm_size = dict(images=8, n_points=8, batch=8, repeats=2)
     print("\nFull evaluation (continuous + soft-rounded + dequantized), wall time per (image, point)\n")
     print("| network | images x points | batch | published ms | package ms | speedup | calls per (image, point) |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -259,3 +259,31 @@ def test_gaussian_error_in_the_eigenbasis_equals_the_direct_one(diagonal):
     fast = spec.denoise_error(x, logsnr, eps)
     assert torch.allclose(fast, direct, rtol=1e-9, atol=1e-12)
     assert torch.equal(spec.denoise_error(x, logsnr, eps, x_eig=spec.to_eigenbasis(x)), fast)
+
+
+def test_noise_rotation_is_shared_by_passes_on_the_same_noise_and_only_those():
+    gen = torch.Generator().manual_seed(4)
+    data = torch.randn(200, 2, 3, generator=gen)
+    spec = itd.GaussianSpectrum.from_data(data)
+    model = itd.ITDiffusion(spec, spec)  # the Gaussian as its own denoiser
+    x = data[:3]
+    logsnr = torch.linspace(-3.0, 3.0, 5, dtype=torch.float64)
+    eps = torch.randn(3, 5, 2, 3, generator=gen)
+    first = model.point_errors(x, logsnr, eps, batch_size=4)
+    memo = model.__dict__["_noise_memo"]
+    again = model.point_errors(x + 0.1, logsnr, eps, batch_size=4)  # e.g. the dequantized pass
+    assert model.__dict__["_noise_memo"] is memo  # rotated once
+    fresh = itd.ITDiffusion(spec, spec).point_errors(x + 0.1, logsnr, eps.clone(), batch_size=4)
+    assert torch.allclose(again.gauss, fresh.gauss, rtol=1e-12) and torch.equal(first.raw, model.point_errors(x, logsnr, eps).raw)
+    eps.mul_(-1.0)  # modified in place: rotated again
+    flipped = model.point_errors(x, logsnr, eps)
+    assert model.__dict__["_noise_memo"] is not memo
+    assert torch.allclose(flipped.gauss, itd.ITDiffusion(spec, spec).point_errors(x, logsnr, eps.clone()).gauss)
+    del eps, memo
+    import gc
+
+    gc.collect()
+    assert model.__dict__["_noise_memo"] is None  # freed with its noise
+    import pickle
+
+    pickle.dumps(model)

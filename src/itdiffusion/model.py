@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -21,6 +22,10 @@ DEFAULT_TRAIN_CLIP = 10.0  # same, for the stochastic training objective
 DISCRETE_SPLIT = 0.0  # where the discrete estimator stops using the Gaussian control variate, in scales from loc
 ROUNDINGS = ("none", "hard", "soft")
 _NOISE_BUDGET = 2**24  # elements of noise drawn at once when estimating (per group of examples)
+# Elements per error computation in point_errors (whole network batches, at least one): small
+# enough to stay in a CPU core's cache, large enough to keep an accelerator busy.
+_ERROR_CHUNK = {"cpu": 2**14}
+_ERROR_CHUNK_OTHER = 2**22
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -69,6 +74,19 @@ def default_antithetic(discrete: DiscreteGrid | None) -> bool:
     dominates, and four times as many distinct log-SNR points is better (RMSE ~2x lower).
     """
     return discrete is None
+
+
+def _forget_noise(model: "ITDiffusion"):
+    """Callback dropping the model's rotated-noise memo once its noise tensor is freed."""
+    model_ref = weakref.ref(model)
+
+    def forget(ref):
+        owner = model_ref()
+        memo = None if owner is None else owner.__dict__.get("_noise_memo")
+        if memo is not None and memo[0] is ref:
+            owner.__dict__["_noise_memo"] = None
+
+    return forget
 
 
 class ITDiffusion(nn.Module):
@@ -167,8 +185,12 @@ class ITDiffusion(nn.Module):
         """``eps_hat`` from the wrapped denoiser (no checks)."""
         return self.denoiser(z, logsnr.to(z.dtype))
 
-    def _denoise_checked(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        eps_hat = self(z, logsnr)
+    def _denoise_checked(self, z: torch.Tensor, logsnr: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        if batch_size is not None and len(z) > batch_size:  # network batches of batch_size
+            eps_hat = torch.cat([self(z[i : i + batch_size], logsnr[i : i + batch_size])
+                                 for i in range(0, len(z), batch_size)])
+        else:
+            eps_hat = self(z, logsnr)
         if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != z.shape:
             got = tuple(eps_hat.shape) if isinstance(eps_hat, torch.Tensor) else type(eps_hat).__name__
             raise ValueError(f"denoiser returned {got} for input of shape {tuple(z.shape)}; expected the same shape")
@@ -188,6 +210,8 @@ class ITDiffusion(nn.Module):
         roundings: Sequence[str] = (),
         clamp: tuple[float, float] | None = None,
         x_eig: torch.Tensor | None = None,
+        eps_eig: torch.Tensor | None = None,
+        batch_size: int | None = None,
     ) -> Errors:
         """Squared errors of one network call on ``z = channel(x, logsnr, eps)``.
 
@@ -196,10 +220,13 @@ class ITDiffusion(nn.Module):
             roundings: any of ``"hard"``, ``"soft"``, computed from the same ``x_hat``.
             clamp: ``(lo, hi)`` to clamp ``x_hat`` into before the raw error (valid when the
                 data lie in that interval: projecting can only move ``x_hat`` closer).
-            x_eig: ``spectrum.to_eigenbasis(x)`` when already computed (saves a product).
+            x_eig, eps_eig: ``x`` and ``eps`` in the spectrum's eigen-basis when already
+                computed (each saves a ``d x d`` product in the Gaussian error).
+            batch_size: call the network on at most this many pairs at a time (the errors
+                are still computed for all pairs at once).
         """
         z = add_noise(x, logsnr, eps)
-        eps_hat = self._denoise_checked(z, logsnr)
+        eps_hat = self._denoise_checked(z, logsnr, batch_size)
         a = logsnr.double().reshape(-1, *([1] * (x.dim() - 1)))
         diff = eps.double() - eps_hat.double()  # eps - eps_hat, float64
         need_x_hat = clamp is not None or bool(roundings)
@@ -208,7 +235,7 @@ class ITDiffusion(nn.Module):
             clamped = x_hat.clamp(*clamp)
             diff = torch.where(clamped != x_hat, torch.exp(0.5 * a) * (x.double() - clamped), diff)
         errs = Errors(raw=(diff * diff).flatten(1).sum(1),
-                      gauss=self.spectrum.denoise_error(x, logsnr, eps, x_eig=x_eig))
+                      gauss=self.spectrum.denoise_error(x, logsnr, eps, x_eig=x_eig, eps_eig=eps_eig))
         if roundings:
             if discrete is None:
                 raise ValueError("rounding needs a DiscreteGrid (discrete=...)")
@@ -242,17 +269,45 @@ class ITDiffusion(nn.Module):
         logsnr = logsnr.to(x.device).expand(n_examples, n_points).reshape(-1)
         pairs_x = x.unsqueeze(1).expand(n_examples, n_points, *self.shape).reshape(-1, *self.shape)
         pairs_eps = eps.reshape(-1, *self.shape)
-        pairs_eig = None
-        if self.spectrum_eigvecs.numel() and "x_eig" not in kwargs:  # rotate each example once, not per point
-            x_eig = self.spectrum.to_eigenbasis(x)
-            pairs_eig = x_eig.unsqueeze(1).expand(n_examples, n_points, x_eig.shape[1]).reshape(-1, x_eig.shape[1])
-        step = len(logsnr) if batch_size is None else int(batch_size)
+        rotated = {}
+        if self.spectrum_eigvecs.numel():  # full spectrum: rotate each example once, not per point,
+            x_eig = self.spectrum.to_eigenbasis(x)  # and the noise once for all passes that share it
+            rotated["x_eig"] = x_eig.unsqueeze(1).expand(n_examples, n_points, x_eig.shape[1]).reshape(-1, self.d)
+            rotated["eps_eig"] = self._rotated_noise(eps)
+        # The network sees batch_size pairs at a time; the error arithmetic runs on chunks of
+        # whole network batches holding about _ERROR_CHUNK elements (fewer, larger operations).
+        net_batch = len(logsnr) if batch_size is None else int(batch_size)
+        chunk = _ERROR_CHUNK.get(x.device.type, _ERROR_CHUNK_OTHER)
+        step = max(1, chunk // (self.d * net_batch)) * net_batch
         parts = [
             self.errors(pairs_x[i : i + step], logsnr[i : i + step], pairs_eps[i : i + step],
-                        **({} if pairs_eig is None else {"x_eig": pairs_eig[i : i + step]}), **kwargs)
+                        **{k: v[i : i + step] for k, v in rotated.items()}, batch_size=net_batch, **kwargs)
             for i in range(0, len(logsnr), step)
         ]
         return Errors.cat(parts).map(lambda t: t.reshape(n_examples, n_points))
+
+    def _rotated_noise(self, eps: torch.Tensor) -> torch.Tensor:
+        """``U^T eps`` of every pair, ``(B * n, d)`` float64, remembered for the latest ``eps``.
+
+        An evaluation passes the same noise tensor for the data and for its dequantized
+        copy; the rotation (one ``d x d`` product per pair) is then done once.  The memo
+        holds a weak reference and the tensor's version counter, so a new or modified noise
+        tensor is always rotated afresh.
+        """
+        key = (eps._version, tuple(eps.shape), eps.dtype, eps.device,
+               self.spectrum_eigvecs.data_ptr(), self.spectrum_eigvecs._version)
+        memo = self.__dict__.get("_noise_memo")
+        if memo is not None and memo[0]() is eps and memo[1] == key:
+            return memo[2]
+        self.__dict__["_noise_memo"] = None  # free the previous one first
+        rotated = self.spectrum.to_eigenbasis(eps.reshape(-1, *self.shape), shift=0.0)
+        self.__dict__["_noise_memo"] = (weakref.ref(eps, _forget_noise(self)), key, rotated)
+        return rotated
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_noise_memo", None)  # a cache (and weak references do not pickle)
+        return state
 
     # ----------------------------------------------------------------- objectives
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -277,8 +332,7 @@ class ITDiffusion(nn.Module):
         err = ((eps - eps_hat) ** 2).flatten(1).sum(1)
         with torch.no_grad():
             spec = self.spectrum
-            diff_g = eps.double() - spec.denoise(z, logsnr).double()
-            err_g = (diff_g * diff_g).flatten(1).sum(1)
+            err_g = spec.denoise_error(x, logsnr, eps)
             neg_log_gauss = -spec.log_prob(x)
         return (neg_log_gauss + 0.5 * weights * (err.double() - err_g)).mean()
 

@@ -49,7 +49,7 @@ SLOPE_MAX = 0.5
 DEFAULT_MAX_ELEMENTS = {"cpu": 2**20}
 """Default bound on the temporaries' elements alive at once, per device type (float64:
 8 MiB on a CPU); ``FALLBACK_MAX_ELEMENTS`` on other devices (fewer, larger kernels)."""
-FALLBACK_MAX_ELEMENTS = 2**24
+FALLBACK_MAX_ELEMENTS = 2**26
 
 _CLOSED_TEMPORARIES = 25  # tensors of the slice's size alive at once in closed_form_mean
 _WINDOW_TEMPORARIES = 6  # ... in window_mean, besides 4 per visited level of a chunk
@@ -98,7 +98,8 @@ def soft_round_index(
         _closed_rows(levels, t, tau, rows, out, budget)
     if n_closed < len(t):
         half = torch.ceil(1.0 + math.sqrt(2.0 * WINDOW_NATS) * tau).clamp(1, levels - 1)
-        bucket = torch.pow(2.0, torch.ceil(torch.log2(half))).clamp(max=levels - 1)
+        # window sizes rounded up to powers of two; any window covering the grid is one group
+        bucket = torch.pow(2.0, torch.ceil(torch.log2(half))).clamp(max=levels // 2)
         bucket = torch.where(closed, 0.0, bucket)
         for h in sorted(int(v) for v in torch.unique(bucket).tolist() if v > 0):
             rows = (bucket == h).nonzero().squeeze(1)
@@ -185,25 +186,16 @@ def closed_form_mean(levels: int, t: torch.Tensor, tau: torch.Tensor) -> tuple[t
     # grid point nearest to t), so nothing underflows however far outside t lies.
     m = torch.where(below, ua * ua, torch.where(above, ub * ub, torch.zeros_like(t)))
     pa, pb = torch.exp(0.5 * (m - ua * ua)), torch.exp(0.5 * (m - ub * ub))
-    s0 = _scaled_gauss_integral(ua, ub, width, below, above)  # Int_{ua}^{ub} exp((m - u^2)/2) du
+    s0 = _scaled_gauss_integral(ua, ub, pa, pb, width, below, above)  # Int_{ua}^{ub} exp((m - u^2)/2) du
     # pb - pa without cancellation: pb / pa = exp(-half_diff)
     half_diff = 0.5 * width * (ua + ub)  # (ub^2 - ua^2) / 2
     s1 = torch.where(half_diff <= 0, -pb * torch.expm1(half_diff), pa * torch.expm1(-half_diff))
-    inv_tau2 = 1.0 / (tau * tau)
-    power = torch.ones_like(tau)
-    # Hermite polynomials He_n at both ends: He_{n+1} = u He_n - n He_{n-1}
-    ha_prev, hb_prev = torch.ones_like(t), torch.ones_like(t)
-    ha, hb = ua, ub
-    n = 1
-    for coeff in _EM_COEFFS:
-        power = power * inv_tau2
-        s0 = s0 - (coeff * power) * (hb * pb - ha * pa)  # He_{2j-1}
-        ha_prev, ha = ha, ua * ha - n * ha_prev
-        hb_prev, hb = hb, ub * hb - n * hb_prev
-        s1 = s1 + (coeff * power) * (hb * pb - ha * pa)  # He_{2j}
-        ha_prev, ha = ha, ua * ha - (n + 1) * ha_prev
-        hb_prev, hb = hb, ub * hb - (n + 1) * hb_prev
-        n += 2
+    # Euler-Maclaurin corrections: sum_j c_j tau^-2j He_{2j-1}(u) (for s0) and He_{2j}(u)
+    # (for s1) at both ends, as polynomials in u with per-row coefficients (Horner in u^2).
+    weights = _EM.to(t.device) * tau.pow(-2.0 * _EM_ORDERS.to(t.device))  # (R, 5)
+    odd, even = weights @ _HE_ODD.to(t.device), weights @ _HE_EVEN.to(t.device)  # (R, 5), (R, 6)
+    s0 = s0 - (_poly_odd(odd, ub) * pb - _poly_odd(odd, ua) * pa)
+    s1 = s1 + (_poly_even(even, ub) * pb - _poly_even(even, ua) * pa)
     # sum f(k) = tau e^{-m/2} s0;  sum (k - t) f(k) = -tau^2 e^{-m/2} s1
     mean = t - tau * s1 / s0
     outside = torch.clamp(torch.maximum(a - t, t - b), min=0.0)
@@ -211,27 +203,58 @@ def closed_form_mean(levels: int, t: torch.Tensor, tau: torch.Tensor) -> tuple[t
     return mean, steep
 
 
-def _scaled_gauss_integral(ua, ub, width, below, above) -> torch.Tensor:
+def _horner(coeffs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``sum_m coeffs[:, m] v^m`` with per-row coefficients ``(R, M)`` and ``v`` ``(R, D)``."""
+    acc = torch.addcmul(coeffs[:, -2:-1], coeffs[:, -1:], v)
+    for m in range(coeffs.shape[1] - 3, -1, -1):
+        acc = torch.addcmul(coeffs[:, m : m + 1], acc, v)
+    return acc
+
+
+def _poly_odd(coeffs, u):
+    return u * _horner(coeffs, u * u)
+
+
+def _poly_even(coeffs, u):
+    return _horner(coeffs, u * u)
+
+
+def _hermite_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients of He_{2j-1} in odd powers and He_{2j} in even powers, j = 1..5."""
+    he = [[1.0] + [0.0] * 10, [0.0, 1.0] + [0.0] * 9]
+    for n in range(1, 10):  # He_{n+1} = u He_n - n He_{n-1}
+        he.append([(he[n][k - 1] if k else 0.0) - n * he[n - 1][k] for k in range(11)])
+    odd = torch.tensor([[he[2 * j - 1][2 * m + 1] for m in range(5)] for j in range(1, 6)], dtype=torch.float64)
+    even = torch.tensor([[he[2 * j][2 * m] for m in range(6)] for j in range(1, 6)], dtype=torch.float64)
+    return odd, even
+
+
+_HE_ODD, _HE_EVEN = _hermite_tables()
+_EM = torch.tensor(_EM_COEFFS, dtype=torch.float64)
+_EM_ORDERS = torch.arange(1, 6, dtype=torch.float64)
+
+
+def _scaled_gauss_integral(ua, ub, pa, pb, width, below, above) -> torch.Tensor:
     """``Int_{ua}^{ub} exp((m - u^2) / 2) du`` with ``m`` the smallest ``u^2`` on the interval.
 
-    Straddling zero: a sum of two ``erf`` (no cancellation).  On one side: a difference of
-    ``erfcx``, which loses ``-log10(kappa)`` digits when ``kappa = width * (|u_near| + width)``
-    is small; there a Gauss-Legendre rule on the interval is exact to rounding instead.
+    ``pa``, ``pb``: ``exp((m - u^2) / 2)`` at the two ends.  From ``erfcx`` at both ends: a
+    difference on one side of zero, ``2 -`` a sum across it.  Both lose about
+    ``-log10(kappa)`` digits when ``kappa = width * (|u_near| + width)`` is small (a grid
+    narrow against the noise); there a 10-point Gauss-Legendre rule is exact to rounding.
     """
-    ea, eb = torch.special.erfcx(ua.abs() * _SQRT_HALF), torch.special.erfcx(ub.abs() * _SQRT_HALF)
-    pb = torch.exp(0.5 * (ua * ua - ub * ub)).where(below, 0.0)  # below the grid: m = ua^2
-    pa = torch.exp(0.5 * (ub * ub - ua * ua)).where(above, 0.0)  # above the grid: m = ub^2
-    one_side = torch.where(below, ea - eb * pb, eb - ea * pa)
-    straddle = torch.special.erf(ub * _SQRT_HALF) - torch.special.erf(ua * _SQRT_HALF)
-    result = _SQRT_HALF_PI * torch.where(below | above, one_side, straddle)
-    near = torch.where(below, ua, -ub)  # distance of the nearest end from 0, on one side
+    lower = torch.special.erfcx(ua.abs() * _SQRT_HALF) * pa
+    upper = torch.special.erfcx(ub.abs() * _SQRT_HALF) * pb
+    result = _SQRT_HALF_PI * torch.where(below, lower - upper, torch.where(above, upper - lower, 2.0 - lower - upper))
+    near = torch.where(above, -ub, ua)  # integrate from this end (from ub downwards above the grid)
     width = width.expand_as(ua)
-    fix = (below | above) & (width * (near + width) < 1.0)
+    fix = width * (near.abs() + width) < 1.0
     if bool(fix.any()):
         idx = fix.nonzero(as_tuple=True)
         w, u0 = width[idx].unsqueeze(-1), near[idx].unsqueeze(-1)
         s = 0.5 * w * (1.0 + _GL_NODES.to(w.device))
-        result[idx] = 0.5 * w.squeeze(-1) * (_GL_WEIGHTS.to(w.device) * torch.exp(-0.5 * s * (2.0 * u0 + s))).sum(-1)
+        scale = torch.where(above, pb, pa)[idx]
+        quad = (_GL_WEIGHTS.to(w.device) * torch.exp(-0.5 * s * (2.0 * u0 + s))).sum(-1)
+        result[idx] = scale * 0.5 * w.squeeze(-1) * quad
     return result
 
 

@@ -181,7 +181,13 @@ class GaussianSpectrum:
         return self.denoise(z, logsnr)
 
     def denoise_error(
-        self, x: torch.Tensor, logsnr: torch.Tensor, eps: torch.Tensor, *, x_eig: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        logsnr: torch.Tensor,
+        eps: torch.Tensor,
+        *,
+        x_eig: torch.Tensor | None = None,
+        eps_eig: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``||eps - denoise(z)||^2`` for ``z = channel(x, logsnr, eps)``, float64 ``(B,)``.
 
@@ -193,10 +199,11 @@ class GaussianSpectrum:
         Args:
             x, eps: ``(B, *shape)``; ``logsnr``: ``(B,)``.
             x_eig: ``to_eigenbasis(x)`` if already known (e.g. shared by many calls).
+            eps_eig: ``to_eigenbasis(eps, shift=0)`` if already known.
         """
         a = logsnr.to(torch.float64).reshape(-1, 1)
         y_x = self.to_eigenbasis(x) if x_eig is None else x_eig.to(torch.float64)
-        y_e = self.to_eigenbasis(eps, shift=0.0)
+        y_e = self.to_eigenbasis(eps, shift=0.0) if eps_eig is None else eps_eig.to(torch.float64)
         u = a + self.log_eigs
         resid = torch.sigmoid(u) * y_e - torch.exp(0.5 * a + F.logsigmoid(-u)) * y_x
         return (resid * resid).sum(1)
