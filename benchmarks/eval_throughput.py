@@ -13,7 +13,8 @@ soft-rounded discrete bound and the dequantized NLL:
 Networks: the digits U-Net (``SmallUNet``, 8x8x1, 17 levels) and the DDPM CIFAR-10
 architecture (diffusers ``UNet2DModel``, 35.7M parameters, random weights, 32x32x3, 256
 levels) at a small batch.  Both variants use the same network batch (pairs per call).
-Runs alternate (package, published, package, ...) and the medians are compared.
+Runs alternate (package, published, package, ...); the speedup is the median of the ratios
+of neighbouring runs (robust to the load of a shared machine drifting).
 
 Run:  python benchmarks/eval_throughput.py [--quick] [--json PATH] [--threads 1|2]
 """
@@ -68,7 +69,8 @@ def compare(name: str, net, x, spectrum, grid, n_points: int, batch: int, repeat
         "package_seconds": t_pkg, "published_seconds": t_pub,
         "package_ms_per_pair": 1e3 * t_pkg / pairs, "published_ms_per_pair": 1e3 * t_pub / pairs,
         "package_calls_per_point": calls["package"], "published_calls_per_point": calls["published"],
-        "speedup": t_pub / t_pkg,
+        "speedup": median([b / a for a, b in zip(times["package"], times["published"])]),  # neighbours in time
+        "ratio_of_medians": t_pub / t_pkg,
         "package_times": times["package"], "published_times": times["published"],
     }
     print(f"| {name} | {len(x)} x {n_points} | {batch} | {row['published_ms_per_pair']:.2f} "
