@@ -104,16 +104,20 @@ def write_json(path: str | None, figures: dict) -> None:
 
 
 class Counting(nn.Module):
-    """Counts the examples a denoiser is called on."""
+    """Counts the examples a denoiser is called on and the wall time spent in it (CPU)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
         self.examples = 0
+        self.seconds = 0.0
 
     def forward(self, z, logsnr, *args, **kwargs):
         self.examples += len(z)
-        return self.net(z, logsnr, *args, **kwargs)
+        start = time.perf_counter()
+        out = self.net(z, logsnr, *args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 # ----------------------------------------------------------------------------- networks and data

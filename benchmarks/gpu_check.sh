@@ -28,8 +28,8 @@ print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
 EOF
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
-    exec timeout 600 "$PYTHON" benchmarks/gpu_throughput.py --device cpu --points 8 --images 2 --batch 8 \
-        --net-calls 1 --warmup 0 --compile-backend eager --json "$OUT_DIR/gpu_check.json" "$@"
+    exec timeout 600 "$PYTHON" benchmarks/gpu_throughput.py --device cpu --quick --compile-backend eager \
+        --json "$OUT_DIR/gpu_check.json" "$@"
 fi
 # No variant starts after 150 s (the compiled one, last, takes a minute or two to compile); the
 # whole run is cut at 285 s, and the figures of the variants done so far are already printed

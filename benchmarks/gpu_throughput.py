@@ -16,7 +16,7 @@ means anything) and the projected time of the paper's protocol, 10,000 images x 
 
 Called by ``benchmarks/gpu_check.sh``; a CPU dry run checks it end to end::
 
-    python benchmarks/gpu_throughput.py --device cpu --points 8 --images 2 --batch 8 --compile-backend eager
+    python benchmarks/gpu_throughput.py --device cpu --quick --compile-backend eager
 """
 
 from __future__ import annotations
@@ -112,7 +112,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=150.0,
                         help="start no further variant after this many seconds (compiling takes a minute or two)")
     parser.add_argument("--json", help="write the figures as a flat JSON object")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (8 points, 2 images, batch 8, one timed network call): a dry run")
     args = parser.parse_args()
+    if args.quick:
+        args.points, args.images, args.batch, args.net_calls, args.warmup = 8, 2, 8, 1, 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu for a dry run")
