@@ -169,13 +169,14 @@ def test_results_do_not_depend_on_batch_size(gen):
     assert not torch.allclose(model.nll(x, 10, seed=6), whole)
 
 
-def test_loss_is_a_differentiable_unbiased_nll(gen):
+@pytest.mark.parametrize("proposal", ["uniform", "logistic"])
+def test_loss_is_a_differentiable_unbiased_nll(gen, proposal):
     mix = make_mixture(2, seed=4)
     spec = itd.GaussianSpectrum.from_data(mix.sample(4000, gen))
     x = mix.sample(128, gen)
     # a trainable denoiser: the exact one plus a learnable bias
     bias = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    model = itd.ITDiffusion(lambda z, a: mix(z, a) + bias, spec, train_clip=model_clip(spec))
+    model = itd.ITDiffusion(lambda z, a: mix(z, a) + bias, spec, train_clip=model_clip(spec), train_proposal=proposal)
     losses = torch.stack([model.loss(x, generator=gen) for _ in range(25)])
     loss = losses.mean()
     loss.backward()

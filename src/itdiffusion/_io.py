@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -65,36 +66,118 @@ def _json_safe(obj):
     return obj
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or an empty archive
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data by more than ~1032:1
+
+
 def load_npz(path) -> dict[str, np.ndarray]:
     """Read every array of an ``.npz`` file into memory, refusing pickled objects.
 
-    Raises ``ValueError`` with the file name for a missing, truncated, corrupt or
-    pickle-bearing file.
+    Raises ``ValueError`` with the file name for a missing, truncated, corrupt,
+    forged or pickle-bearing file.  Every member's header is checked before its data
+    is allocated: an array may not declare more bytes than its member holds, so a
+    forged shape cannot ask for terabytes.
     """
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
     if path.is_dir():
         raise ValueError(f"{path} is a directory; expected an .npz file")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic[:4] not in _ZIP_MAGIC:
+        if magic.startswith(b"\x93NUMPY"):
+            what = "a single .npy array, not an .npz archive"
+        elif magic[:1] == b"\x80":
+            what = "a pickle; refusing to load it"
+        else:
+            what = "not an .npz (zip) archive; truncated or corrupt"
+        raise ValueError(f"{path}: {what}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except ValueError as err:
-        if "pickle" in str(err).lower():
-            raise ValueError(f"{path}: contains pickled objects; refusing to load it") from None
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        with zipfile.ZipFile(path) as archive:
+            return _read_npz_members(archive, path.stat().st_size)
+    except _Refused as err:
+        raise ValueError(f"{path}: {err}") from None
+    except Exception as err:  # anything a damaged archive can raise (zipfile, zlib, numpy's header parser)
         raise ValueError(f"{path}: truncated or corrupt .npz file ({type(err).__name__}: {err})") from None
+
+
+class _Refused(Exception):
+    """A member that is readable but not acceptable (pickles, forged sizes)."""
+
+
+def _read_npz_members(archive: zipfile.ZipFile, archive_size: int) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    fmt = np.lib.format
+    for info in archive.infolist():
+        name = info.filename
+        if not name.endswith(".npy"):
+            raise _Refused(f"unexpected member {name!r} (an .npz holds only .npy arrays)")
+        key = name[: -len(".npy")]
+        if key in arrays:
+            raise _Refused(f"member {name!r} appears twice")
+        if info.compress_type == zipfile.ZIP_STORED:
+            limit = info.compress_size
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            limit = _DEFLATE_MAX_RATIO * info.compress_size + 1024
+        else:
+            raise _Refused(f"member {name!r} uses an unsupported compression method ({info.compress_type})")
+        if info.compress_size > archive_size or info.file_size > limit:
+            raise _Refused(f"member {name!r} declares {info.file_size} bytes, more than the archive can hold")
+        with archive.open(info) as member:
+            version = fmt.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(member)
+            elif version in ((2, 0), (3, 0)):
+                shape, _, dtype = fmt.read_array_header_2_0(member)
+            else:
+                raise _Refused(f"member {name!r}: unsupported .npy version {version}")
+            header_size = member.tell()
+        if dtype.hasobject:
+            raise _Refused(f"member {name!r} contains pickled objects; refusing to load it")
+        declared = math.prod(shape) * dtype.itemsize
+        if header_size + declared > info.file_size:
+            raise _Refused(
+                f"member {name!r} declares shape {shape} of {dtype} ({declared} bytes) but holds "
+                f"{max(info.file_size - header_size, 0)} bytes; truncated or forged"
+            )
+        with archive.open(info) as member:
+            arrays[key] = fmt.read_array(member, allow_pickle=False)
+    return arrays
+
+
+def load_json(path) -> dict:
+    """A JSON object from ``path``; ``ValueError`` naming the file if it is missing, truncated or not an object."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: truncated or invalid JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def read_meta(arrays: dict[str, np.ndarray], path, fmt: str, version: int) -> dict:
     """Decode the JSON ``meta`` array of an ``.npz`` written by this package and check its format."""
     try:
         meta = json.loads(bytes(arrays["meta"].astype(np.uint8)).decode())
-    except (KeyError, ValueError, UnicodeDecodeError):
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, RecursionError):
         raise ValueError(f"{path}: not an itdiffusion file (no readable metadata)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not an itdiffusion file (metadata is not a JSON object)")
     if meta.get("format") != fmt:
         raise ValueError(f"{path}: expected a {fmt} file, found {meta.get('format')!r}")
     if meta.get("version") != version:
         raise ValueError(f"{path}: {fmt} version {meta.get('version')!r} is not supported (this is version {version})")
     return meta
+
+
+def real_array(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
+    """``arrays[key]`` as float64; ``ValueError`` for anything but real numbers, ``KeyError`` if absent."""
+    value = arrays[key]
+    if value.dtype.kind not in "fiu":
+        raise ValueError(f"array {key!r} has dtype {value.dtype}; expected real numbers")
+    return value.astype(np.float64)

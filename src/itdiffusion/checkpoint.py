@@ -74,21 +74,28 @@ def load_checkpoint(path) -> Checkpoint:
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint file" if not path.exists() else f"{path} is not a file")
     try:
-        tensors = load(path.read_bytes())
-        with open(path, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(header_len))
+        data = path.read_bytes()
+        # safetensors checks the header (size, JSON, dtypes, offsets covering the data exactly)
+        # before it allocates anything.
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"]["itdiffusion"])
-    except (SafetensorError, ValueError, KeyError, OSError, UnicodeDecodeError) as err:
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError) as err:
         raise ValueError(f"{path}: truncated or invalid checkpoint ({type(err).__name__}: {err})") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an itdiffusion checkpoint")
     if meta.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint version {meta.get('version')!r} is not supported (this is {VERSION})")
-    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optim/")}
-    info = meta.pop("optimizer", None)
-    optimizer_state = None if info is None else _unflatten_optimizer(opt_tensors, info)
-    epoch = int(meta.pop("epoch"))
+    try:
+        model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optim/")}
+        info = meta.pop("optimizer", None)
+        optimizer_state = None if info is None else _unflatten_optimizer(opt_tensors, info)
+        epoch = meta.pop("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: invalid checkpoint metadata ({type(err).__name__}: {err})") from None
     meta.pop("format"), meta.pop("version")
     return Checkpoint(model_state=model_state, optimizer_state=optimizer_state, epoch=epoch, meta=meta)

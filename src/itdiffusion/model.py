@@ -19,6 +19,7 @@ from .spectrum import GaussianSpectrum
 
 DEFAULT_CLIP = 10.0  # half-width of the log-SNR range, in logistic scales (evaluation)
 DEFAULT_TRAIN_CLIP = 10.0  # same, for the stochastic training objective
+TRAIN_PROPOSALS = ("uniform", "logistic")
 DISCRETE_SPLIT = 0.0  # where the discrete estimator stops using the Gaussian control variate, in scales from loc
 ROUNDINGS = ("none", "hard", "soft")
 _NOISE_BUDGET = 2**24  # elements of noise drawn at once when estimating (per group of examples)
@@ -102,6 +103,10 @@ class ITDiffusion(nn.Module):
         loc, scale: log-SNR proposal (default: the spectrum's moment match).
         clip: integration range ``loc +- clip * scale`` for estimates.
         train_clip: the same for :meth:`loss`.
+        train_proposal: how :meth:`loss` draws log-SNR in its range: ``"uniform"``
+            (default: every log-SNR weighs the same, no importance weights to blow up
+            gradients) or ``"logistic"`` (the truncated logistic of the estimates, as in
+            the published code, there with ``train_clip=4``).
     """
 
     def __init__(
@@ -113,8 +118,12 @@ class ITDiffusion(nn.Module):
         scale: float | None = None,
         clip: float = DEFAULT_CLIP,
         train_clip: float = DEFAULT_TRAIN_CLIP,
+        train_proposal: str = "uniform",
     ):
         super().__init__()
+        if train_proposal not in TRAIN_PROPOSALS:
+            raise ValueError(f"unknown train_proposal {train_proposal!r}; choose one of {TRAIN_PROPOSALS}")
+        self.train_proposal = train_proposal
         self.denoiser = denoiser
         self.shape = tuple(spectrum.shape)
         self.register_buffer("spectrum_mean", spectrum.mean.detach().double().clone())
@@ -313,10 +322,10 @@ class ITDiffusion(nn.Module):
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Stochastic training objective: a differentiable estimate of mean ``-log p(x)`` in nats.
 
-        One log-SNR per example, stratified across the batch on the truncated logistic
-        (``train_clip``), one noise draw; uses the Gaussian control variate, so the value
-        is an unbiased estimate of the truncated continuous NLL.  Gradients flow only
-        through the denoiser.
+        One log-SNR per example, stratified across the batch over ``loc +- train_clip *
+        scale`` (uniformly or from the truncated logistic, see ``train_proposal``), one
+        noise draw; uses the Gaussian control variate, so the value is an unbiased estimate
+        of the truncated continuous NLL.  Gradients flow only through the denoiser.
         """
         if generator is None:
             generator = torch.Generator(device=x.device)
@@ -324,7 +333,12 @@ class ITDiffusion(nn.Module):
         n = len(x)
         order = torch.randperm(n, generator=generator, device=generator.device).cpu().double()
         u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).cpu()
-        logsnr, inv_density = logistic_quantile((order + u) / n, self.loc, self.scale, self.train_clip)
+        frac = (order + u) / n
+        if self.train_proposal == "uniform":
+            lo, hi = self.logsnr_range(self.train_clip)
+            logsnr, inv_density = lo + (hi - lo) * frac, torch.full_like(frac, hi - lo)
+        else:
+            logsnr, inv_density = logistic_quantile(frac, self.loc, self.scale, self.train_clip)
         logsnr, weights = logsnr.to(x.device), inv_density.to(x.device)
         eps = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
         z = add_noise(x, logsnr, eps)

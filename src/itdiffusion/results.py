@@ -203,27 +203,37 @@ class Results:
 
     @classmethod
     def load(cls, path) -> "Results":
-        """Read results written by :meth:`save` (give the ``.json`` or the ``.npz`` path)."""
+        """Read results written by :meth:`save` (give the ``.json`` or the ``.npz`` path).
+
+        The arrays come from the ``.npz``; a ``.json`` path that exists is read too, so a
+        truncated or foreign JSON file is refused (``ValueError`` naming it) rather than ignored.
+        """
         path = Path(path)
+        if path.suffix != ".npz" and path.exists():
+            summary = _io.load_json(path)
+            if summary.get("format") != FORMAT:
+                raise ValueError(f"{path}: expected a {FORMAT} file, found {summary.get('format')!r}")
         arrays = _io.load_npz(_npz_path(path))
         meta = _io.read_meta(arrays, _npz_path(path), FORMAT, VERSION)
         try:
+            real = lambda key: _io.real_array(arrays, key)  # noqa: E731
             terms = {}
             for name, shift in meta["shifts"].items():
-                get = lambda key: arrays.get(f"term/{name}/{key}")  # noqa: E731
+                need = lambda key: real(f"term/{name}/{key}")  # noqa: E731
+                maybe = lambda key: need(key) if f"term/{name}/{key}" in arrays else None  # noqa: E731
                 terms[name] = Term(
-                    offset=get("offset"), integrand_mean=get("integrand_mean"), gauss_mean=get("gauss_mean"),
-                    nll=get("nll"), nll_clamped=get("nll_clamped"), integrand=get("integrand"),
-                    gauss=get("gauss"), shift=float(shift),
+                    offset=need("offset"), integrand_mean=need("integrand_mean"), gauss_mean=need("gauss_mean"),
+                    nll=need("nll"), nll_clamped=need("nll_clamped"), integrand=maybe("integrand"),
+                    gauss=maybe("gauss"), shift=float(shift),
                 )
-            curves = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("curve/")}
+            curves = {k.split("/", 1)[1]: real(k) for k in arrays if k.startswith("curve/")}
             return cls(
-                logsnr=arrays["logsnr"], weights=arrays["weights"], shape=tuple(meta["shape"]),
-                n_examples=int(meta["n_examples"]), config=meta["config"], curves=curves, terms=terms,
+                logsnr=real("logsnr"), weights=real("weights"), shape=tuple(int(s) for s in meta["shape"]),
+                n_examples=int(meta["n_examples"]), config=dict(meta["config"]), curves=curves, terms=terms,
                 members=list(meta.get("members", [])),
             )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: not a valid results file ({err})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{_npz_path(path)}: not a valid results file ({type(err).__name__}: {err})") from None
 
 
 def _npz_path(path: Path) -> Path:

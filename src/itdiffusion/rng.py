@@ -82,7 +82,7 @@ def _chi2_log_pdf(x: torch.Tensor, d: int) -> torch.Tensor:
     return (half - 1) * torch.log(x) - 0.5 * x - half * math.log(2.0) - math.lgamma(half)
 
 
-def chi2_antithetic(r2: torch.Tensor, d: int, iterations: int = 60) -> torch.Tensor:
+def chi2_antithetic(r2: torch.Tensor, d: int, iterations: int = 100) -> torch.Tensor:
     """The chi-square(``d``) quantile mirrored about the median: ``F^-1(1 - F(r2))`` (float64).
 
     If ``r2 ~ chi2(d)`` so is the result.  Solved by Newton's method on the log of the
@@ -91,8 +91,12 @@ def chi2_antithetic(r2: torch.Tensor, d: int, iterations: int = 60) -> torch.Ten
     returned unchanged.
     """
     r2 = r2.double()
-    if d == 2:  # exponential distribution: F(x) = 1 - exp(-x/2), mirrored in closed form
-        return -2.0 * torch.log(-torch.expm1(-0.5 * r2.clamp_min(1e-300)))
+    if d == 2:  # exponential distribution: F(x) = 1 - exp(-x/2), mirrored: -2 log(1 - exp(-x/2))
+        half = 0.5 * r2.clamp_min(1e-300)
+        # log(1 - e^-h) without cancellation: expm1 below h = log 2, log1p above.
+        log1mexp = torch.where(half < math.log(2.0), torch.log(-torch.expm1(-half)), torch.log1p(-torch.exp(-half)))
+        result = -2.0 * log1mexp
+        return torch.where(torch.isfinite(result) & (result > 0), result, r2)
     a = torch.tensor(0.5 * d, dtype=torch.float64, device=r2.device)
     lower, upper = torch.special.gammainc(a, 0.5 * r2), torch.special.gammaincc(a, 0.5 * r2)
     use_upper = lower < 0.5  # target: upper tail of the result equals `lower` (small)
@@ -100,19 +104,32 @@ def chi2_antithetic(r2: torch.Tensor, d: int, iterations: int = 60) -> torch.Ten
     k = 2.0 / (9.0 * d)
     z = (torch.pow(r2 / d, 1.0 / 3.0) - (1 - k)) / math.sqrt(k)
     log_x = torch.log((d * (1 - k - z * math.sqrt(k)) ** 3).clamp_min(1e-12))
+    # sign * log(tail) increases with x.  Newton steps are kept inside a bracket [lo, hi] of
+    # log(x) that shrinks every iteration (bisection when a step would leave it), so far
+    # tails, where the tail probability falls like exp(-x/2), converge instead of oscillating.
+    sign = torch.where(use_upper, -1.0, 1.0).to(torch.float64)
+    lo, hi = torch.full_like(log_x, -math.inf), torch.full_like(log_x, math.inf)
     for _ in range(iterations):
         x = torch.exp(log_x)
         tail = torch.where(use_upper, torch.special.gammaincc(a, 0.5 * x), torch.special.gammainc(a, 0.5 * x))
+        log_tail = torch.log(tail.clamp_min(1e-300))
+        resid = log_tail - log_target
+        above = sign * resid > 0  # the root lies below log_x (also right when `tail` underflows)
+        hi, lo = torch.where(above, log_x, hi), torch.where(above, lo, log_x)
         # d log(tail) / d log(x) = -/+ x pdf(x) / tail
-        slope = torch.exp(_chi2_log_pdf(x, d) + log_x - torch.log(tail.clamp_min(1e-300)))
-        slope = torch.where(use_upper, -slope, slope)
-        step = (torch.log(tail.clamp_min(1e-300)) - log_target) / slope
-        log_x = log_x - step.clamp(-2.0, 2.0)
+        slope = sign * torch.exp(_chi2_log_pdf(x, d) + log_x - log_tail)
+        newton = log_x - (resid / slope).clamp(-30.0, 30.0)
+        bracketed = torch.isfinite(lo) & torch.isfinite(hi)
+        fallback = torch.where(bracketed, 0.5 * (lo + hi), torch.where(above, log_x - 2.0, log_x + 2.0))
+        # Strictly inside: a step back onto an end of the bracket (already evaluated) would ping-pong.
+        inside = ((newton > lo) & (newton < hi)) | (newton == log_x)
+        new = torch.where(torch.isfinite(newton) & inside, newton, fallback)
+        step, log_x = new - log_x, new
         if bool((step.abs() < 1e-12).all()):
             break
     # Beyond float64's tail probabilities (p < 1e-300, never met by real draws) keep the radius.
     result = torch.exp(log_x)
-    return torch.where(torch.isfinite(result) & (lower > 1e-290) & (upper > 1e-290), result, r2)
+    return torch.where(torch.isfinite(result) & (result > 0) & (lower > 1e-290) & (upper > 1e-290), result, r2)
 
 
 @dataclass(frozen=True)
@@ -149,7 +166,8 @@ class CallLayout:
         idx = self.stratum(eps.device)
         flat = eps.flatten(2).double()
         r2 = (flat * flat).sum(-1)
-        ratio = torch.sqrt(chi2_antithetic(r2, flat.shape[-1]) / r2).to(eps.dtype)
+        # A zero draw (possible for tiny d) has no direction to mirror along: keep it.
+        ratio = torch.where(r2 > 0, torch.sqrt(chi2_antithetic(r2, flat.shape[-1]) / r2), 1.0).to(eps.dtype)
         mirrored = eps * ratio.reshape(*ratio.shape, *([1] * (eps.dim() - 2)))
         variants = torch.stack([eps, -eps, mirrored, -mirrored], 2)  # (B, m, 4, *shape)
         calls = torch.arange(self.n_calls, device=eps.device)

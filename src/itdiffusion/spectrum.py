@@ -29,6 +29,18 @@ def _as_float64_2d(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(len(x), -1).to(torch.float64)
 
 
+def _softplus_minus_sigmoid(u: torch.Tensor) -> torch.Tensor:
+    """``softplus(u) - sigmoid(u) = Int_{-inf}^u sigmoid(v)^2 dv`` (float64), non-negative and increasing.
+
+    For very negative ``u`` both terms are ``~ e^u`` while their difference is ``~ e^(2u) / 2``:
+    there the power series ``sum_{k>=2} (-1)^k (k-1)/k t^k`` in ``t = e^u`` is used instead
+    (for ``u < -6`` the first seven terms are exact to float64 precision).
+    """
+    t = torch.exp(u.clamp(max=-6.0))
+    series = t * t * (1 / 2 - t * (2 / 3 - t * (3 / 4 - t * (4 / 5 - t * (5 / 6 - t * (6 / 7 - t * 7 / 8))))))
+    return torch.where(u < -6.0, series, F.softplus(u) - torch.sigmoid(u))
+
+
 @dataclass(frozen=True, eq=False)
 class GaussianSpectrum:
     """Mean ``(d,)``, eigenvectors ``(d, d)`` (columns; ``None`` for the diagonal
@@ -54,23 +66,32 @@ class GaussianSpectrum:
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_data(
-        cls, x: torch.Tensor, *, diagonal: bool = False, rel_floor: float = DEFAULT_REL_FLOOR
+        cls, x: torch.Tensor, *, diagonal: bool = False, rel_floor: float = DEFAULT_REL_FLOOR,
+        added_variance: float = 0.0,
     ) -> "GaussianSpectrum":
-        """Spectrum of samples ``x`` of shape ``(n, *shape)``, computed in float64."""
+        """Spectrum of samples ``x`` of shape ``(n, *shape)``, computed in float64.
+
+        See :meth:`from_batches` for ``rel_floor`` and ``added_variance``.
+        """
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(np.asarray(x))
         if x.dim() < 2 or len(x) < 2:
             raise ValueError(f"need at least 2 samples of shape (n, *shape), got {tuple(x.shape)}")
-        return cls.from_batches([x], diagonal=diagonal, rel_floor=rel_floor)
+        return cls.from_batches([x], diagonal=diagonal, rel_floor=rel_floor, added_variance=added_variance)
 
     @classmethod
     def from_batches(
-        cls, batches: Iterable[torch.Tensor], *, diagonal: bool = False, rel_floor: float = DEFAULT_REL_FLOOR
+        cls, batches: Iterable[torch.Tensor], *, diagonal: bool = False, rel_floor: float = DEFAULT_REL_FLOOR,
+        added_variance: float = 0.0,
     ) -> "GaussianSpectrum":
         """Spectrum accumulated over batches ``(b, *shape)`` (first and second moments, float64).
 
-        Eigenvalues below ``rel_floor`` times their mean are raised to it, so that constant
-        pixels do not give ``log 0``; any reference Gaussian keeps the estimators exact.
+        ``added_variance`` is added to every eigenvalue: ``delta^2 / 12`` gives the covariance
+        of data on a grid of spacing ``delta`` after uniform dequantization, the right
+        reference for dequantized estimates (and a harmless one for discrete ones).
+        Eigenvalues below ``rel_floor`` times their mean are then raised to it, so that
+        constant pixels do not give ``log 0``; any reference Gaussian keeps the estimators
+        exact.
         """
         n, total, outer, shape = 0, None, None, None
         for xb in batches:
@@ -99,6 +120,9 @@ class GaussianSpectrum:
         else:
             cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
             eigs, eigvecs = torch.linalg.eigh(0.5 * (cov + cov.T))
+        if added_variance < 0:
+            raise ValueError(f"added_variance must be non-negative, got {added_variance}")
+        eigs = eigs + added_variance
         floor = rel_floor * max(eigs.clamp_min(0).mean().item(), 1e-300)
         return cls(mean=mean, eigvecs=eigvecs, log_eigs=eigs.clamp_min(floor).log(), shape=shape)
 
@@ -221,7 +245,7 @@ class GaussianSpectrum:
         upper = torch.as_tensor(logsnr, dtype=torch.float64, device=y.device).reshape(-1, 1)
         u = upper + self.log_eigs
         s = torch.sigmoid(u)
-        return (F.softplus(u) - s + y * y * torch.exp(-self.log_eigs) * s).sum(1)
+        return (_softplus_minus_sigmoid(u) + y * y * torch.exp(-self.log_eigs) * s).sum(1)
 
     # ----------------------------------------------------------------- files
     def save(self, path) -> None:
@@ -240,12 +264,12 @@ class GaussianSpectrum:
         arrays = _io.load_npz(path)
         meta = _io.read_meta(arrays, path, FORMAT, VERSION)
         try:
-            eigvecs = torch.from_numpy(arrays["eigvecs"]) if "eigvecs" in arrays else None
+            real = lambda key: torch.from_numpy(_io.real_array(arrays, key))  # noqa: E731
             return cls(
-                mean=torch.from_numpy(arrays["mean"]).double(),
-                eigvecs=None if eigvecs is None else eigvecs.double(),
-                log_eigs=torch.from_numpy(arrays["log_eigs"]).double(),
+                mean=real("mean"),
+                eigvecs=real("eigvecs") if "eigvecs" in arrays else None,
+                log_eigs=real("log_eigs"),
                 shape=tuple(int(s) for s in meta["shape"]),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: not a valid spectrum file ({err})") from None

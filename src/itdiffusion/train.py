@@ -36,6 +36,7 @@ class TrainConfig:
     batch_size: int = 256
     seed: int = 0
     grad_clip: float | None = None
+    lr_schedule: str = "constant"  # or "cosine": decay to 0 over all epochs' steps
     val_points: int = 64  # network calls per validation example
     val_examples: int | None = 1000  # validate on at most this many examples
 
@@ -46,6 +47,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip!r}")
 
@@ -155,7 +158,8 @@ def _run_epoch(model, optimizer, x_train, config, epoch, device, progress) -> fl
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 2)  # dropout inside the fork only
-        for idx in batches:
+        for step, idx in enumerate(batches):
+            _set_lr(optimizer, config, (epoch - 1) * len(batches) + step, config.epochs * len(batches))
             x = x_train[idx].to(device)
             loss = model.loss(x, generator=gen)
             optimizer.zero_grad(set_to_none=True)
@@ -172,6 +176,15 @@ def _run_epoch(model, optimizer, x_train, config, epoch, device, progress) -> fl
     return total / count
 
 
+def _set_lr(optimizer, config: TrainConfig, step: int, total: int) -> None:
+    """Learning rate as a function of the global step only (so a resumed run matches)."""
+    lr = config.lr
+    if config.lr_schedule == "cosine":
+        lr = 0.5 * config.lr * (1.0 + math.cos(math.pi * step / max(1, total)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -186,7 +199,7 @@ def _save(out: Path, model, optimizer, epoch, config, history, meta) -> None:
     _io.save_json_atomic(out / HISTORY, history.to_json())
 
 
-_MUST_MATCH = ("lr", "batch_size", "seed", "grad_clip", "val_points", "val_examples")
+_MUST_MATCH = ("lr", "batch_size", "seed", "grad_clip", "lr_schedule", "val_points", "val_examples")
 
 
 def _resume(model, optimizer, out: Path | None, config: TrainConfig):
@@ -194,7 +207,8 @@ def _resume(model, optimizer, out: Path | None, config: TrainConfig):
         raise ValueError(f"nothing to resume: no {CHECKPOINT} in {out}")
     ckpt = load_checkpoint(out / CHECKPOINT)
     saved = ckpt.meta.get("train_config", {})
-    changed = [k for k in _MUST_MATCH if k in saved and saved[k] != getattr(config, k)]
+    must_match = _MUST_MATCH + (("epochs",) if config.lr_schedule == "cosine" else ())
+    changed = [k for k in must_match if k in saved and saved[k] != getattr(config, k)]
     if changed:
         raise ValueError("cannot resume with different settings: " + ", ".join(
             f"{k} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed))

@@ -14,10 +14,11 @@ def add_parser(sub) -> None:
         "and write metrics and figures.",
     )
     p.add_argument("--dataset", default=None, help="moons (default), circles, square, swissroll, scg, gmm, digits")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 60 for 2-D sets, 40 for digits)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 80 for 2-D sets, 15 for digits)")
     p.add_argument("--out", default=None, help="output directory (default: runs/demo-DATASET)")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation and training")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--quick", action="store_true", help="a few seconds' smoke test on a small sample (numbers not meaningful)")
     p.set_defaults(func=run)
 
 
@@ -28,5 +29,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.dataset or DEFAULT_DATASET
     if name not in list_datasets():
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(list_datasets())}")
-    run_demo(name, epochs=args.epochs, out=args.out, seed=args.seed, progress=not args.quiet, verbose=not args.quiet)
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be a positive integer, got {args.epochs}")
+    run_demo(name, epochs=args.epochs, out=args.out, seed=args.seed, progress=not args.quiet,
+             verbose=not args.quiet, quick=args.quick)
     return 0

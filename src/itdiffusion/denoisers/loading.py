@@ -34,7 +34,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Raises:
         ValueError: the file is a pickle that would run code or import objects
-            other than tensors, or does not hold a state dict.
+            other than tensors, is truncated, corrupt or forged (a safetensors header
+            whose offsets or shapes do not fit the file), or does not hold a state dict.
         FileNotFoundError: no such file.
     """
     path = Path(path)
@@ -42,14 +43,23 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw = load_file(str(path), device="cpu")
+        raw = _load_safetensors(path)
     elif suffix in _PICKLE_SUFFIXES:
         raw = _load_pickle_weights_only(path)
     else:
         raise ValueError(f"{path}: unknown weights format {suffix!r}; expected .safetensors or {', '.join(_PICKLE_SUFFIXES)}")
     return unwrap_state_dict(raw, source=str(path))
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors, which validates the header before allocating; its errors become ValueErrors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: truncated, corrupt or forged safetensors file ({err})") from None
 
 
 def _load_pickle_weights_only(path: Path):
@@ -65,6 +75,13 @@ def _load_pickle_weights_only(path: Path):
             f"refusing to load {path}: the pickle {what}; only tensors and plain containers are "
             "accepted (convert it to .safetensors where you trust it)"
         ) from None
+    except Exception as err:  # a truncated or corrupt file: EOFError, RuntimeError (zip reader), OSError, ...
+        raise ValueError(f"{path}: truncated or corrupt PyTorch file ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else "no details"
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
