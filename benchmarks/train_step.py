@@ -3,10 +3,10 @@
 One optimisation step (forward, backward, Adam update) of the same network on the same
 batch, two ways:
 
-* **IT**: ``ITDiffusion.loss`` (stratified log-SNR per example on the truncated logistic,
+* **IT**: ``ITDiffusion.loss`` (stratified log-SNR per example over the training range,
   importance weights, the Gaussian control variate on the same noise in float64, the
   Gaussian's ``-log N(x)``);
-* **plain**: log-SNR from the same distribution, ``mean ||eps - eps_hat||^2``.
+* **plain**: log-SNR drawn from the same proposal, ``mean ||eps - eps_hat||^2``.
 
 Networks: the digits U-Net (``SmallUNet``, 8x8x1) and the DDPM CIFAR-10 architecture
 (diffusers ``UNet2DModel``, 35.7M parameters, random weights, full-covariance Gaussian
@@ -49,7 +49,11 @@ def compare(name: str, net, spectrum, x: torch.Tensor, steps: int) -> dict:
 
     def plain_step():
         u = torch.rand(len(x), generator=gen, dtype=torch.float64)
-        logsnr, _ = logistic_quantile(u, model.loc, model.scale, model.train_clip)
+        if getattr(model, "train_proposal", "logistic") == "uniform":  # the IT loss's own proposal
+            lo, hi = model.logsnr_range(model.train_clip)
+            logsnr = lo + (hi - lo) * u
+        else:
+            logsnr, _ = logistic_quantile(u, model.loc, model.scale, model.train_clip)
         eps = torch.randn(x.shape, generator=gen, dtype=x.dtype)
         eps_hat = model(add_noise(x, logsnr, eps), logsnr)
         loss = ((eps - eps_hat) ** 2).mean()

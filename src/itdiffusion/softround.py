@@ -43,8 +43,12 @@ WINDOW_NATS = 40.0
 TAU_CLOSED = 2.5
 """Noise standard deviation, in grid steps, from which the closed form replaces the window."""
 
-SLOPE_MAX = 0.5
-"""Closed form only while ``t`` lies within ``SLOPE_MAX * tau^2`` steps outside the grid."""
+SLOPE_MAX, OUTSIDE_MAX, OUTSIDE_STEPS = 0.5, 4.0, 1e6
+"""Closed form only while ``t`` lies within ``min(SLOPE_MAX * tau^2, OUTSIDE_MAX * tau,
+OUTSIDE_STEPS)`` steps outside the grid: beyond, the expansion converges slowly or the mean
+is a small difference of large numbers (``t - tau * s1 / s0``, rounding ``~1e-16 |t|``).
+Such elements (rare: an optimal denoiser's ``x_hat`` never leaves the grid's range) are
+summed level by level instead."""
 
 DEFAULT_MAX_ELEMENTS = {"cpu": 2**20}
 """Default bound on the temporaries' elements alive at once, per device type (float64:
@@ -166,9 +170,12 @@ def _closed_rows(levels, t, tau, rows, out, budget) -> None:
         mean, steep = closed_form_mean(levels, tt, tr)
         if bool(steep.any()):
             idx = steep.nonzero(as_tuple=True)
-            c = 0.5 / tr.expand_as(tt)[idx] ** 2
-            half = min(levels - 1, math.ceil(1.0 + WINDOW_NATS / SLOPE_MAX))
-            mean[idx] = window_mean(levels, tt[idx], c, half, budget)
+            t_out, tau_out = tt[idx], tr.expand_as(tt)[idx]
+            # the weights fall at least as exp(-slope) per level away from the nearest end
+            outside = torch.clamp(torch.maximum(-0.5 - t_out, t_out - (levels - 0.5)), min=0.0)
+            slope = (outside / tau_out**2).min().item()
+            half = levels - 1 if slope <= 0 else min(levels - 1, math.ceil(1.0 + WINDOW_NATS / slope))
+            mean[idx] = window_mean(levels, t_out, 0.5 / tau_out**2, half, budget)
         out[sel] = mean
 
 
@@ -199,7 +206,7 @@ def closed_form_mean(levels: int, t: torch.Tensor, tau: torch.Tensor) -> tuple[t
     # sum f(k) = tau e^{-m/2} s0;  sum (k - t) f(k) = -tau^2 e^{-m/2} s1
     mean = t - tau * s1 / s0
     outside = torch.clamp(torch.maximum(a - t, t - b), min=0.0)
-    steep = outside > SLOPE_MAX * tau * tau
+    steep = outside > torch.minimum(SLOPE_MAX * tau * tau, OUTSIDE_MAX * tau).clamp(max=OUTSIDE_STEPS)
     return mean, steep
 
 
