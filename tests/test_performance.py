@@ -259,6 +259,33 @@ def test_gaussian_error_in_the_eigenbasis_equals_the_direct_one(diagonal):
     fast = spec.denoise_error(x, logsnr, eps)
     assert torch.allclose(fast, direct, rtol=1e-9, atol=1e-12)
     assert torch.equal(spec.denoise_error(x, logsnr, eps, x_eig=spec.to_eigenbasis(x)), fast)
+    assert torch.equal(spec.log_prob(x, x_eig=spec.to_eigenbasis(x)), spec.log_prob(x))
+
+
+def test_training_loss_matches_the_direct_gaussian_terms():
+    """The loss's Gaussian terms, from one rotation of x and eps together, equal the direct formulas."""
+    gen = torch.Generator().manual_seed(8)
+    data = torch.randn(300, 2, 3, generator=gen, dtype=torch.float64)
+    spec = itd.GaussianSpectrum.from_data(data)
+
+    def denoiser(z, a):
+        return 0.9 * spec.denoise(z, a)
+
+    model = itd.ITDiffusion(denoiser, spec, train_clip=4.0, train_proposal="uniform")
+    x = data[:16]
+    value = model.loss(x, torch.Generator().manual_seed(0))
+    # The same draws, in the loss's order, and the direct formulas.
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(16, generator=g).double()
+    frac = (order + torch.rand(16, generator=g, dtype=torch.float64)) / 16
+    lo, hi = model.logsnr_range(4.0)
+    logsnr = lo + (hi - lo) * frac
+    eps = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    z = add_noise(x, logsnr, eps)
+    err = ((eps - denoiser(z, logsnr)) ** 2).flatten(1).sum(1)
+    err_g = ((eps - spec.denoise(z, logsnr)) ** 2).flatten(1).sum(1)
+    expected = (-spec.log_prob(x) + 0.5 * (hi - lo) * (err - err_g)).mean()
+    assert torch.allclose(value, expected, rtol=1e-10)
 
 
 def test_noise_rotation_is_shared_by_passes_on_the_same_noise_and_only_those():

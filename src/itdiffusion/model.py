@@ -346,8 +346,11 @@ class ITDiffusion(nn.Module):
         err = ((eps - eps_hat) ** 2).flatten(1).sum(1)
         with torch.no_grad():
             spec = self.spectrum
-            err_g = spec.denoise_error(x, logsnr, eps)
-            neg_log_gauss = -spec.log_prob(x)
+            # x and eps rotated in one product: a full basis is read from memory once per step
+            rows = torch.cat([x.detach().flatten(1).double() - spec.mean, eps.flatten(1).double()])
+            y_x, y_e = spec.to_eigenbasis(rows, shift=0.0).split(n)
+            err_g = spec.denoise_error(x, logsnr, eps, x_eig=y_x, eps_eig=y_e)
+            neg_log_gauss = -spec.log_prob(x, x_eig=y_x)
         return (neg_log_gauss + 0.5 * weights * (err.double() - err_g)).mean()
 
     # ----------------------------------------------------------------- estimates

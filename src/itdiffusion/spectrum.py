@@ -183,9 +183,12 @@ class GaussianSpectrum:
         """Inverse rotation ``U y`` of ``(B, d)`` coordinates (no mean added), float64."""
         return y if self.eigvecs is None else y @ self.eigvecs.T
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log N(x; mu, Sigma)`` per example, ``(B, *shape) -> (B,)`` float64."""
-        y = self.to_eigenbasis(x)
+    def log_prob(self, x: torch.Tensor, *, x_eig: torch.Tensor | None = None) -> torch.Tensor:
+        """``log N(x; mu, Sigma)`` per example, ``(B, *shape) -> (B,)`` float64.
+
+        ``x_eig``: ``to_eigenbasis(x)`` if already known.
+        """
+        y = self.to_eigenbasis(x) if x_eig is None else x_eig.to(torch.float64)
         maha = (y * y * torch.exp(-self.log_eigs)).sum(1)
         return -0.5 * (maha + self.log_eigs.sum() + self.d * math.log(2 * math.pi))
 
