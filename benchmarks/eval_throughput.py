@@ -92,7 +92,7 @@ def main() -> None:
     print_machine(info)
     if args.quick:
         digits_size = dict(images=128, n_points=16, batch=128, repeats=3)
-        ddpm_size = dict(images=4, n_points=4, batch=4, repeats=2)
+        ddpm_size = dict(images=4, n_points=8, batch=4, repeats=2)
     else:
         digits_size = dict(images=256, n_points=64, batch=256, repeats=5)
         ddpm_size = dict(images=8, n_points=8, batch=8, repeats=3)

@@ -12,8 +12,9 @@ The published code materialises all ``L`` weights of every element.  Here each r
 
 * ``tau < TAU_CLOSED`` (high SNR): a **window** of levels around the nearest one.  Levels
   whose weight is below ``exp(-WINDOW_NATS)`` of the largest are skipped; the window's
-  half-width grows with ``tau`` (at most ~28 levels), and rows are grouped by window size,
-  so a batch that mixes log-SNR points does not pay the widest window everywhere.
+  half-width grows with ``tau`` (at most 24 levels, 32 once rounded up to a power of two),
+  and rows are grouped by window size, so a batch that mixes log-SNR points does not pay
+  the widest window everywhere.
 * ``tau >= TAU_CLOSED`` (low SNR, where a window would span the whole grid): a **closed
   form**.  The sums are Gaussian integrals over ``[-1/2, L - 1/2]`` plus the midpoint
   Euler-Maclaurin corrections at the two ends (Hermite polynomials times the Gaussian),
@@ -21,9 +22,8 @@ The published code materialises all ``L`` weights of every element.  Here each r
   below ``1e-77`` here, and the truncated corrections leave less than ``1e-9`` in the
   mean index (checked against the full sum in the tests).  Everything is scaled by the
   Gaussian at the grid point nearest to ``t`` (``erfcx``), so ``x_hat`` far outside the
-  grid neither underflows nor loses precision.  Elements so far outside the grid that the
-  posterior falls steeply from the edge (beyond ``SLOPE_MAX * tau^2`` index units) go to a
-  short window at that edge instead.
+  grid does not underflow.  Elements far outside the grid (see ``OUTSIDE_MAX``), where the
+  expansion converges slowly or loses digits, are summed level by level from that edge.
 
 Memory: besides the input and the result, the temporaries alive at once hold about
 ``max_elements`` elements (rows and window levels are processed in slices), whatever the
