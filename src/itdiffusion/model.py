@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -75,19 +74,6 @@ def default_antithetic(discrete: DiscreteGrid | None) -> bool:
     dominates, and four times as many distinct log-SNR points is better (RMSE ~2x lower).
     """
     return discrete is None
-
-
-def _forget_noise(model: "ITDiffusion"):
-    """Callback dropping the model's rotated-noise memo once its noise tensor is freed."""
-    model_ref = weakref.ref(model)
-
-    def forget(ref):
-        owner = model_ref()
-        memo = None if owner is None else owner.__dict__.get("_noise_memo")
-        if memo is not None and memo[0] is ref:
-            owner.__dict__["_noise_memo"] = None
-
-    return forget
 
 
 class ITDiffusion(nn.Module):
@@ -279,10 +265,10 @@ class ITDiffusion(nn.Module):
         pairs_x = x.unsqueeze(1).expand(n_examples, n_points, *self.shape).reshape(-1, *self.shape)
         pairs_eps = eps.reshape(-1, *self.shape)
         rotated = {}
-        if self.spectrum_eigvecs.numel():  # full spectrum: rotate each example once, not per point,
-            x_eig = self.spectrum.to_eigenbasis(x)  # and the noise once for all passes that share it
+        if self.spectrum_eigvecs.numel():  # full spectrum: rotate each example once, not per point
+            x_eig = self.spectrum.to_eigenbasis(x)
             rotated["x_eig"] = x_eig.unsqueeze(1).expand(n_examples, n_points, x_eig.shape[1]).reshape(-1, self.d)
-            rotated["eps_eig"] = self._rotated_noise(eps)
+            rotated["eps_eig"] = self.spectrum.to_eigenbasis(pairs_eps, shift=0.0)
         # The network sees batch_size pairs at a time; the error arithmetic runs on chunks of
         # whole network batches holding about _ERROR_CHUNK elements (fewer, larger operations).
         net_batch = len(logsnr) if batch_size is None else int(batch_size)
@@ -294,29 +280,6 @@ class ITDiffusion(nn.Module):
             for i in range(0, len(logsnr), step)
         ]
         return Errors.cat(parts).map(lambda t: t.reshape(n_examples, n_points))
-
-    def _rotated_noise(self, eps: torch.Tensor) -> torch.Tensor:
-        """``U^T eps`` of every pair, ``(B * n, d)`` float64, remembered for the latest ``eps``.
-
-        An evaluation passes the same noise tensor for the data and for its dequantized
-        copy; the rotation (one ``d x d`` product per pair) is then done once.  The memo
-        holds a weak reference and the tensor's version counter, so a new or modified noise
-        tensor is always rotated afresh.
-        """
-        key = (eps._version, tuple(eps.shape), eps.dtype, eps.device,
-               self.spectrum_eigvecs.data_ptr(), self.spectrum_eigvecs._version)
-        memo = self.__dict__.get("_noise_memo")
-        if memo is not None and memo[0]() is eps and memo[1] == key:
-            return memo[2]
-        self.__dict__["_noise_memo"] = None  # free the previous one first
-        rotated = self.spectrum.to_eigenbasis(eps.reshape(-1, *self.shape), shift=0.0)
-        self.__dict__["_noise_memo"] = (weakref.ref(eps, _forget_noise(self)), key, rotated)
-        return rotated
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_noise_memo", None)  # a cache (and weak references do not pickle)
-        return state
 
     # ----------------------------------------------------------------- objectives
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
