@@ -290,12 +290,12 @@ def test_training_loss_matches_the_direct_gaussian_terms():
 
 def test_gaussian_error_in_the_eigenbasis_equals_the_direct_formula():
     gen = torch.Generator().manual_seed(4)
-    data = torch.randn(200, 2, 3, generator=gen)
+    data = torch.randn(200, 2, 3, generator=gen, dtype=torch.float64)
     spec = itd.GaussianSpectrum.from_data(data)
     model = itd.ITDiffusion(spec, spec)  # the Gaussian as its own denoiser
     x = data[:3]
     logsnr = torch.linspace(-3.0, 3.0, 5, dtype=torch.float64)
-    eps = torch.randn(3, 5, 2, 3, generator=gen)
+    eps = torch.randn(3, 5, 2, 3, generator=gen, dtype=torch.float64)
     errs = model.point_errors(x, logsnr, eps, batch_size=4)
     pairs_x = x.unsqueeze(1).expand(3, 5, 2, 3).reshape(-1, 2, 3)
     a = logsnr.repeat(3)
