@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Soft rounding ignores grid values whose posterior weight is below exp(-_WINDOW_NATS)
-# relative to the nearest one; 60 nats leaves a relative error far below float64 epsilon.
-_WINDOW_NATS = 60.0
+from . import softround
 
 
 @dataclass(frozen=True)
@@ -73,43 +71,25 @@ class DiscreteGrid:
             )
 
     def soft_round_index(
-        self, x_hat: torch.Tensor, logsnr: torch.Tensor, *, max_elements: int = 2**24
+        self, x_hat: torch.Tensor, logsnr: torch.Tensor, *, max_elements: int | None = None
     ) -> torch.Tensor:
         """Posterior-mean grid index of each element of ``x_hat`` (float64, ``x_hat``'s shape).
 
         Treats ``x_hat`` as the grid value observed with Gaussian noise of variance ``e^-a``
         (the channel's noise level in data units) under a uniform prior on the levels:
-        ``E[k] = sum_k k p_k``, ``p_k ~ exp(-(x_hat - v_k)^2 e^a / 2)``.  Only levels within
-        a window where ``p_k`` is not negligible are summed, a few at a time, so memory stays
-        ``O(x_hat.numel() * chunk)`` instead of ``O(levels * x_hat.numel())``.
+        ``E[k] = sum_k k p_k``, ``p_k ~ exp(-(x_hat - v_k)^2 e^a / 2)``.  Computed without the
+        ``(levels, *x_hat.shape)`` weights: a window of levels at high SNR, a closed form at
+        low SNR (see :mod:`itdiffusion.softround`); equal to the full sum to float64
+        tolerance, with temporaries of about ``max_elements`` elements in all (default:
+        :func:`itdiffusion.softround.default_max_elements` of the device).
 
         Args:
             x_hat: ``(B, *shape)`` estimates in data units.
             logsnr: ``(B,)`` log-SNR of each example.
-            max_elements: bound on the temporary tensor size of one chunk.
+            max_elements: bound on the elements of the temporaries alive at once.
         """
-        t = self.index(x_hat.double())
-        a = logsnr.double().reshape(-1, *([1] * (x_hat.dim() - 1)))
-        inv_2tau2 = 0.5 * torch.exp(a) * self.delta**2  # 1 / (2 tau^2), tau = noise std in index units
-        k0 = t.round().clamp(0, self.levels - 1)
-        tau_max = torch.rsqrt(2.0 * inv_2tau2.min()).item() if inv_2tau2.numel() else 0.0
-        half = min(self.levels - 1, math.ceil(1.0 + math.sqrt(2.0 * _WINDOW_NATS) * tau_max))
-        if 2 * half + 1 >= self.levels:  # the window covers the grid: visit each level once
-            steps, absolute = torch.arange(self.levels, dtype=torch.float64, device=t.device), True
-        else:
-            steps, absolute = torch.arange(-half, half + 1, dtype=torch.float64, device=t.device), False
-        chunk = max(1, max_elements // max(1, t.numel()))
-        base = (t - k0) ** 2
-        total = torch.zeros_like(t)
-        first = torch.zeros_like(t)
-        for start in range(0, len(steps), chunk):
-            step = steps[start : start + chunk].reshape(-1, *([1] * t.dim()))
-            k = step if absolute else k0 + step
-            logit = -((t - k) ** 2 - base) * inv_2tau2  # <= 0: k0 is the most likely level
-            p = torch.exp(logit) if absolute else torch.where((k >= 0) & (k <= self.levels - 1), torch.exp(logit), 0.0)
-            total += p.sum(0)
-            first += (p * (k - k0)).sum(0)
-        return k0 + first / total
+        tau = torch.exp(-0.5 * logsnr.double().reshape(-1)) / self.delta  # noise std in grid steps
+        return softround.soft_round_index(self.levels, self.index(x_hat.double()), tau, max_elements=max_elements)
 
     def soft_round(self, x_hat: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
         """Posterior mean over grid values (see :meth:`soft_round_index`), in ``x_hat``'s dtype."""

@@ -22,6 +22,10 @@ TRAIN_PROPOSALS = ("uniform", "logistic")
 DISCRETE_SPLIT = 0.0  # where the discrete estimator stops using the Gaussian control variate, in scales from loc
 ROUNDINGS = ("none", "hard", "soft")
 _NOISE_BUDGET = 2**24  # elements of noise drawn at once when estimating (per group of examples)
+# Elements per error computation in point_errors (whole network batches, at least one): small
+# enough to stay in a CPU core's cache, large enough to keep an accelerator busy.
+_ERROR_CHUNK = {"cpu": 2**14}
+_ERROR_CHUNK_OTHER = 2**22
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -176,8 +180,12 @@ class ITDiffusion(nn.Module):
         """``eps_hat`` from the wrapped denoiser (no checks)."""
         return self.denoiser(z, logsnr.to(z.dtype))
 
-    def _denoise_checked(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        eps_hat = self(z, logsnr)
+    def _denoise_checked(self, z: torch.Tensor, logsnr: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        if batch_size is not None and len(z) > batch_size:  # network batches of batch_size
+            eps_hat = torch.cat([self(z[i : i + batch_size], logsnr[i : i + batch_size])
+                                 for i in range(0, len(z), batch_size)])
+        else:
+            eps_hat = self(z, logsnr)
         if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != z.shape:
             got = tuple(eps_hat.shape) if isinstance(eps_hat, torch.Tensor) else type(eps_hat).__name__
             raise ValueError(f"denoiser returned {got} for input of shape {tuple(z.shape)}; expected the same shape")
@@ -196,6 +204,9 @@ class ITDiffusion(nn.Module):
         discrete: DiscreteGrid | None = None,
         roundings: Sequence[str] = (),
         clamp: tuple[float, float] | None = None,
+        x_eig: torch.Tensor | None = None,
+        eps_eig: torch.Tensor | None = None,
+        batch_size: int | None = None,
     ) -> Errors:
         """Squared errors of one network call on ``z = channel(x, logsnr, eps)``.
 
@@ -204,9 +215,13 @@ class ITDiffusion(nn.Module):
             roundings: any of ``"hard"``, ``"soft"``, computed from the same ``x_hat``.
             clamp: ``(lo, hi)`` to clamp ``x_hat`` into before the raw error (valid when the
                 data lie in that interval: projecting can only move ``x_hat`` closer).
+            x_eig, eps_eig: ``x`` and ``eps`` in the spectrum's eigen-basis when already
+                computed (each saves a ``d x d`` product in the Gaussian error).
+            batch_size: call the network on at most this many pairs at a time (the errors
+                are still computed for all pairs at once).
         """
         z = add_noise(x, logsnr, eps)
-        eps_hat = self._denoise_checked(z, logsnr)
+        eps_hat = self._denoise_checked(z, logsnr, batch_size)
         a = logsnr.double().reshape(-1, *([1] * (x.dim() - 1)))
         diff = eps.double() - eps_hat.double()  # eps - eps_hat, float64
         need_x_hat = clamp is not None or bool(roundings)
@@ -214,8 +229,8 @@ class ITDiffusion(nn.Module):
         if clamp is not None:
             clamped = x_hat.clamp(*clamp)
             diff = torch.where(clamped != x_hat, torch.exp(0.5 * a) * (x.double() - clamped), diff)
-        diff_g = eps.double() - self.spectrum.denoise(z, logsnr).double()
-        errs = Errors(raw=(diff * diff).flatten(1).sum(1), gauss=(diff_g * diff_g).flatten(1).sum(1))
+        errs = Errors(raw=(diff * diff).flatten(1).sum(1),
+                      gauss=self.spectrum.denoise_error(x, logsnr, eps, x_eig=x_eig, eps_eig=eps_eig))
         if roundings:
             if discrete is None:
                 raise ValueError("rounding needs a DiscreteGrid (discrete=...)")
@@ -249,9 +264,19 @@ class ITDiffusion(nn.Module):
         logsnr = logsnr.to(x.device).expand(n_examples, n_points).reshape(-1)
         pairs_x = x.unsqueeze(1).expand(n_examples, n_points, *self.shape).reshape(-1, *self.shape)
         pairs_eps = eps.reshape(-1, *self.shape)
-        step = len(logsnr) if batch_size is None else int(batch_size)
+        rotated = {}
+        if self.spectrum_eigvecs.numel():  # full spectrum: rotate each example once, not per point
+            x_eig = self.spectrum.to_eigenbasis(x)
+            rotated["x_eig"] = x_eig.unsqueeze(1).expand(n_examples, n_points, x_eig.shape[1]).reshape(-1, self.d)
+            rotated["eps_eig"] = self.spectrum.to_eigenbasis(pairs_eps, shift=0.0)
+        # The network sees batch_size pairs at a time; the error arithmetic runs on chunks of
+        # whole network batches holding about _ERROR_CHUNK elements (fewer, larger operations).
+        net_batch = len(logsnr) if batch_size is None else int(batch_size)
+        chunk = _ERROR_CHUNK.get(x.device.type, _ERROR_CHUNK_OTHER)
+        step = max(1, chunk // (self.d * net_batch)) * net_batch
         parts = [
-            self.errors(pairs_x[i : i + step], logsnr[i : i + step], pairs_eps[i : i + step], **kwargs)
+            self.errors(pairs_x[i : i + step], logsnr[i : i + step], pairs_eps[i : i + step],
+                        **{k: v[i : i + step] for k, v in rotated.items()}, batch_size=net_batch, **kwargs)
             for i in range(0, len(logsnr), step)
         ]
         return Errors.cat(parts).map(lambda t: t.reshape(n_examples, n_points))
@@ -284,9 +309,11 @@ class ITDiffusion(nn.Module):
         err = ((eps - eps_hat) ** 2).flatten(1).sum(1)
         with torch.no_grad():
             spec = self.spectrum
-            diff_g = eps.double() - spec.denoise(z, logsnr).double()
-            err_g = (diff_g * diff_g).flatten(1).sum(1)
-            neg_log_gauss = -spec.log_prob(x)
+            # x and eps rotated in one product: a full basis is read from memory once per step
+            rows = torch.cat([x.detach().flatten(1).double() - spec.mean, eps.flatten(1).double()])
+            y_x, y_e = spec.to_eigenbasis(rows, shift=0.0).split(n)
+            err_g = spec.denoise_error(x, logsnr, eps, x_eig=y_x, eps_eig=y_e)
+            neg_log_gauss = -spec.log_prob(x, x_eig=y_x)
         return (neg_log_gauss + 0.5 * weights * (err.double() - err_g)).mean()
 
     # ----------------------------------------------------------------- estimates

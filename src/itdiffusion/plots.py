@@ -116,7 +116,7 @@ def plot_image_bpd(images: np.ndarray, bpd: np.ndarray, results: Results, path, 
             spine.set_linewidth(3)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{bpd[i]:.2f}", fontsize=6, pad=1, color=color)
+        ax.set_title(f"{bpd[i]:.2f}", fontsize=6, pad=1)
     ax = fig.add_subplot(grid[:, cols + 1 :])
     mse_axes(ax, results, label="model (raw)")
     key = "mmse_soft" if results.config.get("soft") else "mmse_hard"

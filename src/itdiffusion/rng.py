@@ -161,9 +161,9 @@ class CallLayout:
 
     def call_noise(self, eps: torch.Tensor) -> torch.Tensor:
         """Noise of every call, ``(B, m, *shape) -> (B, n_calls, *shape)``."""
-        idx = self.stratum(eps.device)
         if not self.antithetic:
-            return eps[:, idx]
+            return eps  # one call per draw: the noise itself (no copy)
+        idx = self.stratum(eps.device)
         flat = eps.flatten(2).double()
         r2 = (flat * flat).sum(-1)
         # A zero draw (possible for tiny d) has no direction to mirror along: keep it.

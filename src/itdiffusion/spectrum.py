@@ -183,9 +183,12 @@ class GaussianSpectrum:
         """Inverse rotation ``U y`` of ``(B, d)`` coordinates (no mean added), float64."""
         return y if self.eigvecs is None else y @ self.eigvecs.T
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log N(x; mu, Sigma)`` per example, ``(B, *shape) -> (B,)`` float64."""
-        y = self.to_eigenbasis(x)
+    def log_prob(self, x: torch.Tensor, *, x_eig: torch.Tensor | None = None) -> torch.Tensor:
+        """``log N(x; mu, Sigma)`` per example, ``(B, *shape) -> (B,)`` float64.
+
+        ``x_eig``: ``to_eigenbasis(x)`` if already known.
+        """
+        y = self.to_eigenbasis(x) if x_eig is None else x_eig.to(torch.float64)
         maha = (y * y * torch.exp(-self.log_eigs)).sum(1)
         return -0.5 * (maha + self.log_eigs.sum() + self.d * math.log(2 * math.pi))
 
@@ -203,6 +206,34 @@ class GaussianSpectrum:
 
     def __call__(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
         return self.denoise(z, logsnr)
+
+    def denoise_error(
+        self,
+        x: torch.Tensor,
+        logsnr: torch.Tensor,
+        eps: torch.Tensor,
+        *,
+        x_eig: torch.Tensor | None = None,
+        eps_eig: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``||eps - denoise(z)||^2`` for ``z = channel(x, logsnr, eps)``, float64 ``(B,)``.
+
+        Computed in the eigen-basis, where the rotation keeps the norm: with
+        ``y_e = U^T eps``, ``y_x = U^T (x - mu)`` and ``l = log lambda``, the residual is
+        ``sigmoid(a + l) y_e - e^(a/2) sigmoid(-(a + l)) y_x`` (exact, in float64, and one
+        ``d x d`` product per call instead of two; none with ``x_eig`` given).
+
+        Args:
+            x, eps: ``(B, *shape)``; ``logsnr``: ``(B,)``.
+            x_eig: ``to_eigenbasis(x)`` if already known (e.g. shared by many calls).
+            eps_eig: ``to_eigenbasis(eps, shift=0)`` if already known.
+        """
+        a = logsnr.to(torch.float64).reshape(-1, 1)
+        y_x = self.to_eigenbasis(x) if x_eig is None else x_eig.to(torch.float64)
+        y_e = self.to_eigenbasis(eps, shift=0.0) if eps_eig is None else eps_eig.to(torch.float64)
+        u = a + self.log_eigs
+        resid = torch.sigmoid(u) * y_e - torch.exp(0.5 * a + F.logsigmoid(-u)) * y_x
+        return (resid * resid).sum(1)
 
     def error_integral(self, x: torch.Tensor, logsnr: torch.Tensor | float) -> torch.Tensor:
         """``Int_{-inf}^{A} E_eps ||eps - eps_g(z_a)||^2 da`` for each example of ``x``, float64 ``(B,)``.
