@@ -150,6 +150,17 @@ def test_killed_eval_resumes_with_the_same_command(pipeline, capsys):
         assert np.array_equal(a.terms[name].nll, b.terms[name].nll), name
 
 
+def test_eval_device_options_agree_with_plain(pipeline):
+    root, spectrum, run = pipeline["root"], pipeline["spectrum"], pipeline["run"]
+    plain, nhwc = root / "plain.json", root / "nhwc.json"
+    args = ["--points", "8", "--limit", "6", "--dequantize"]
+    _eval(run, spectrum, plain, *args)
+    _eval(run, spectrum, nhwc, *args, "--channels-last")
+    a, b = Results.load(plain), Results.load(nhwc)
+    for name, est in a.estimates().items():
+        assert b[name].nats == pytest.approx(est.nats, rel=1e-5, abs=1e-5), name
+
+
 def test_eval_refuses_bad_input_before_writing(pipeline, capsys, tmp_path):
     spectrum, run = pipeline["spectrum"], pipeline["run"]
     base = ["eval", "--model", str(run), "--spectrum", str(spectrum), *EVAL_ARGS, "--points", "8", "--limit", "4"]

@@ -45,6 +45,10 @@ def add_parser(sub) -> None:
                    "partial progress (0: after every step)")
     p.add_argument("--no-per-sample-curves", dest="per_sample_curves", action="store_false",
                    help="do not keep per-image curves (smaller files; ensembles then have no standard errors)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="run the network under "
+                   "autocast to this type (errors and integrals stay float64); see itdiffusion.performance")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the network (GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (slow first calls)")
     p.add_argument("--label", help="name of the model in tables and figures")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--fresh", action="store_true", help="discard saved partial progress and start over")
@@ -92,6 +96,7 @@ def _setup(args, world, device):
     from ..images import load_data
     from ..model import ITDiffusion
     from ..models import resolve_model, state_fingerprint
+    from ..performance import DeviceOptions, optimize_denoiser
     from ._common import check_registry_model, check_shapes, load_spectrum
 
     spectrum = load_spectrum(args.spectrum)
@@ -104,13 +109,16 @@ def _setup(args, world, device):
     if len(data) < world.size:
         raise ValueError(f"{len(data)} images cannot be shared by {world.size} processes")
     kwargs = {} if args.clip is None else {"clip": args.clip}
-    model = ITDiffusion(loaded.denoiser, spectrum, **kwargs).to(device).eval()
+    options = DeviceOptions(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile)
+    denoiser = optimize_denoiser(loaded.denoiser.to(device), options)
+    model = ITDiffusion(denoiser, spectrum, **kwargs).to(device).eval()
     config = EvalConfig(n_points=args.points, discrete=data.grid, soft=args.soft_round, dequantize=args.dequantize,
                         mode=args.mode, seed=args.seed, per_sample_curves=args.per_sample_curves)
     part = shard(len(data), world)
     evaluator = Evaluator(model, config, batch_size=args.batch_size, index_offset=part.start)
     step = args.images_per_step or max(1, _NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
-    identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "processes": world.size}
+    identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "processes": world.size,
+                "dtype": args.dtype}
     return data, loaded, evaluator, data.x[part.start : part.stop].split(step), identity
 
 
@@ -157,7 +165,7 @@ def _evaluate(args, out: Path, world, device) -> int:
         results.config.update({
             "model": args.label or loaded.label, "model_arg": args.model, "weights": args.weights, "data": args.data,
             "spectrum": args.spectrum, "processes": world.size, "seconds": time.perf_counter() - began,
-            "run": None if loaded.run is None else str(loaded.run),
+            "run": None if loaded.run is None else str(loaded.run), "dtype": args.dtype,
         })
         results.save(out)
         print(results.to_markdown(f"{results.config['model']} on {data.source}"), end="")
