@@ -122,7 +122,7 @@ def test_one_call_gives_raw_and_rounded_errors_equal_to_separate_calls():
     x_hat = x_from_eps(z, eps_hat, logsnr)
     snr = torch.exp(logsnr).reshape(-1, 1, 1, 1)
     hard = (snr * (x - grid.round(x_hat)) ** 2).flatten(1).sum(1)
-    soft_value = grid.value(soft_round_index_dense(grid, x_hat, logsnr))
+    soft_value = grid.value(soft_round_index_dense(grid, x_hat, logsnr, model.soft_rounding_variance(logsnr)))
     soft = (snr * (x - soft_value) ** 2).flatten(1).sum(1)
     assert torch.allclose(errs.raw, raw, rtol=1e-12, atol=0)
     assert torch.allclose(errs.hard, hard, rtol=1e-9, atol=1e-9)

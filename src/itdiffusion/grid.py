@@ -71,13 +71,19 @@ class DiscreteGrid:
             )
 
     def soft_round_index(
-        self, x_hat: torch.Tensor, logsnr: torch.Tensor, *, max_elements: int | None = None
+        self,
+        x_hat: torch.Tensor,
+        logsnr: torch.Tensor,
+        *,
+        noise_var: torch.Tensor | None = None,
+        max_elements: int | None = None,
     ) -> torch.Tensor:
         """Posterior-mean grid index of each element of ``x_hat`` (float64, ``x_hat``'s shape).
 
-        Treats ``x_hat`` as the grid value observed with Gaussian noise of variance ``e^-a``
-        (the channel's noise level in data units) under a uniform prior on the levels:
-        ``E[k] = sum_k k p_k``, ``p_k ~ exp(-(x_hat - v_k)^2 e^a / 2)``.  Computed without the
+        Treats ``x_hat`` as the grid value observed with Gaussian noise of variance
+        ``noise_var`` (default ``e^-a``, the channel's noise level in data units) under a
+        uniform prior on the levels: ``E[k] = sum_k k p_k``,
+        ``p_k ~ exp(-(x_hat - v_k)^2 / (2 noise_var))``.  Computed without the
         ``(levels, *x_hat.shape)`` weights: a window of levels at high SNR, a closed form at
         low SNR (see :mod:`itdiffusion.softround`); equal to the full sum to float64
         tolerance, with temporaries of about ``max_elements`` elements in all (default:
@@ -86,9 +92,11 @@ class DiscreteGrid:
         Args:
             x_hat: ``(B, *shape)`` estimates in data units.
             logsnr: ``(B,)`` log-SNR of each example.
+            noise_var: ``(B,)`` variance of ``x_hat``'s error per element, data units.
             max_elements: bound on the elements of the temporaries alive at once.
         """
-        tau = torch.exp(-0.5 * logsnr.double().reshape(-1)) / self.delta  # noise std in grid steps
+        var = torch.exp(-logsnr.double().reshape(-1)) if noise_var is None else noise_var.double().reshape(-1)
+        tau = var.sqrt() / self.delta  # noise std in grid steps
         return softround.soft_round_index(self.levels, self.index(x_hat.double()), tau, max_elements=max_elements)
 
     def soft_round(self, x_hat: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
@@ -96,13 +104,16 @@ class DiscreteGrid:
         return self.value(self.soft_round_index(x_hat, logsnr)).to(x_hat.dtype)
 
 
-def soft_round_index_dense(grid: DiscreteGrid, x_hat: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+def soft_round_index_dense(
+    grid: DiscreteGrid, x_hat: torch.Tensor, logsnr: torch.Tensor, noise_var: torch.Tensor | None = None
+) -> torch.Tensor:
     """Reference soft rounding that materialises all ``levels`` weights (for tests and benchmarks).
 
     Memory ``O(levels * x_hat.numel())``, as in the published code.
     """
     t = grid.index(x_hat.double()).unsqueeze(0)
-    a = logsnr.double().reshape(1, -1, *([1] * (x_hat.dim() - 1)))
+    var = torch.exp(-logsnr.double()) if noise_var is None else noise_var.double()
+    a = -torch.log(var).reshape(1, -1, *([1] * (x_hat.dim() - 1)))
     k = torch.arange(grid.levels, dtype=torch.float64, device=x_hat.device)
     k = k.reshape(-1, *([1] * x_hat.dim()))
     p = torch.softmax(-0.5 * (t - k) ** 2 * torch.exp(a) * grid.delta**2, dim=0)

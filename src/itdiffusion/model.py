@@ -239,7 +239,8 @@ class ITDiffusion(nn.Module):
             if "hard" in roundings:
                 errs.hard = (scale * (k_x - discrete.round_index(x_hat)) ** 2).flatten(1).sum(1)
             if "soft" in roundings:
-                errs.soft = (scale * (k_x - discrete.soft_round_index(x_hat, logsnr)) ** 2).flatten(1).sum(1)
+                soft = discrete.soft_round_index(x_hat, logsnr, noise_var=self.soft_rounding_variance(logsnr))
+                errs.soft = (scale * (k_x - soft) ** 2).flatten(1).sum(1)
         return errs
 
     def point_errors(
@@ -280,6 +281,17 @@ class ITDiffusion(nn.Module):
             for i in range(0, len(logsnr), step)
         ]
         return Errors.cat(parts).map(lambda t: t.reshape(n_examples, n_points))
+
+    def soft_rounding_variance(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """Per-element error variance of ``x_hat`` assumed by soft rounding, ``(B,)`` data units.
+
+        The Gaussian denoiser's mean squared error per element, ``e^-a mmse_g(a) / d``: at
+        low log-SNR ``x_hat`` is far better than ``z / alpha`` (whose variance ``e^-a`` the
+        published code assumes, which pulls every value to the middle of the grid), and at
+        high log-SNR the two agree.
+        """
+        a = logsnr.double().reshape(-1)
+        return torch.exp(-a) * self.spectrum.mmse(a.to(self.spectrum_log_eigs.device)).to(a.device) / self.d
 
     # ----------------------------------------------------------------- objectives
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
