@@ -30,3 +30,20 @@ def within(estimate: torch.Tensor, truth: torch.Tensor, n_se: float = 4.0, slack
 def pytest_configure(config):
     # Small tensors on a busy 2-core machine run far faster on one thread.
     torch.set_num_threads(1)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Report how many bad-input cases (tests/test_bad_input.py) ran and how many passed."""
+    counts = {}
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if getattr(report, "when", "call") == "call" and "test_bad_input.py::test_" in nodeid:
+                kind = "CLI" if "::test_cli[" in nodeid else "Python" if "::test_python[" in nodeid else None
+                if kind:
+                    counts.setdefault(kind, {"passed": 0, "failed": 0})[outcome] += 1
+    if counts:
+        total = sum(sum(c.values()) for c in counts.values())
+        passed = sum(c["passed"] for c in counts.values())
+        parts = ", ".join(f"{sum(c.values())} {kind}" for kind, c in sorted(counts.items()))
+        terminalreporter.write_line(f"bad-input cases: {total} ({parts}); {passed} passed, {total - passed} failed")

@@ -125,30 +125,63 @@ def _read_npz_members(archive: zipfile.ZipFile, archive_size: int) -> dict[str, 
         if info.compress_size > archive_size or info.file_size > limit:
             raise _Refused(f"member {name!r} declares {info.file_size} bytes, more than the archive can hold")
         with archive.open(info) as member:
-            version = fmt.read_magic(member)
-            if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(member)
-            elif version in ((2, 0), (3, 0)):
-                shape, _, dtype = fmt.read_array_header_2_0(member)
-            else:
-                raise _Refused(f"member {name!r}: unsupported .npy version {version}")
-            header_size = member.tell()
-        if dtype.hasobject:
-            raise _Refused(f"member {name!r} contains pickled objects; refusing to load it")
-        declared = math.prod(shape) * dtype.itemsize
-        if header_size + declared > info.file_size:
-            raise _Refused(
-                f"member {name!r} declares shape {shape} of {dtype} ({declared} bytes) but holds "
-                f"{max(info.file_size - header_size, 0)} bytes; truncated or forged"
-            )
+            _check_npy_header(member, info.file_size, f"member {name!r}")
         with archive.open(info) as member:
             arrays[key] = fmt.read_array(member, allow_pickle=False)
     return arrays
 
 
+def _check_npy_header(fh, size: int, what: str) -> None:
+    """Read an ``.npy`` header from ``fh`` and refuse pickles and arrays bigger than ``size`` bytes."""
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = fmt.read_array_header_1_0(fh)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = fmt.read_array_header_2_0(fh)
+    else:
+        raise _Refused(f"{what}: unsupported .npy version {version}")
+    header_size = fh.tell()
+    if dtype.hasobject:
+        raise _Refused(f"{what} contains pickled objects; refusing to load it")
+    declared = math.prod(shape) * dtype.itemsize
+    if header_size + declared > size:
+        raise _Refused(
+            f"{what} declares shape {shape} of {dtype} ({declared} bytes) but holds "
+            f"{max(size - header_size, 0)} bytes; truncated or forged"
+        )
+
+
+def load_npy(path) -> np.ndarray:
+    """Read a single ``.npy`` array, refusing pickled objects.
+
+    Raises ``ValueError`` with the file name for a missing, truncated, corrupt, forged or
+    pickle-bearing file.  The header is checked before the data is allocated: the array
+    may not declare more bytes than the file holds, so a forged shape cannot ask for
+    terabytes.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a .npy file")
+    try:
+        with open(path, "rb") as fh:
+            _check_npy_header(fh, os.fstat(fh.fileno()).st_size, "the array")
+            fh.seek(0)
+            return np.lib.format.read_array(fh, allow_pickle=False)
+    except _Refused as err:
+        raise ValueError(f"{path}: {err}") from None
+    except Exception as err:  # not an .npy file, a damaged header, a short read
+        raise ValueError(f"{path}: not a plain numeric .npy file ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]})") from None
+
+
 def load_json(path) -> dict:
     """A JSON object from ``path``; ``ValueError`` naming the file if it is missing, truncated or not an object."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a JSON file")
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:

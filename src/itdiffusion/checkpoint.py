@@ -80,9 +80,12 @@ def load_checkpoint(path) -> Checkpoint:
         tensors = load(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
-        meta = json.loads(header["__metadata__"]["itdiffusion"])
-    except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError) as err:
+        text = (header.get("__metadata__") or {}).get("itdiffusion")
+        meta = None if text is None else json.loads(text)
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError) as err:
         raise ValueError(f"{path}: truncated or invalid checkpoint ({type(err).__name__}: {err})") from None
+    if text is None:
+        raise ValueError(f"{path}: a safetensors file without itdiffusion metadata, not an itdiffusion checkpoint")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an itdiffusion checkpoint")
     if meta.get("version") != VERSION:

@@ -14,7 +14,7 @@ import torch
 
 from . import _io
 from .grid import DiscreteGrid
-from .model import Errors, ITDiffusion, default_antithetic
+from .model import Errors, ITDiffusion, check_batch_size, default_antithetic
 from .results import Results, Term
 from .rng import CallLayout, draw_example_noise
 
@@ -96,6 +96,7 @@ class Evaluator:
 
     def __init__(self, model: ITDiffusion, config: EvalConfig, *, batch_size: int | None = None, index_offset: int = 0):
         config.validate()
+        check_batch_size(batch_size)
         self.model, self.config, self.batch_size = model, config, batch_size
         self.index_offset = int(index_offset)
         self.clip = model.clip if config.clip is None else float(config.clip)

@@ -27,6 +27,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -267,16 +268,14 @@ def read_npy(path) -> ImageData:
     already lie in ``[-1, 1]``: on the 8-bit grid, on the 17-level ``digits`` grid, or
     else they are treated as continuous data (no grid).
     """
+    from . import _io
+
     path = Path(path)
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise ValueError(f"{path}: not a plain numeric .npy file ({_short(err)})") from None
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path}: unreadable .npy file ({_short(err)})") from None
-    array = _as_nchw(array, path)
+    array = _as_nchw(_io.load_npy(path), path)
+    if array.size == 0:
+        raise ValueError(f"{path}: no images (the array has shape {array.shape})")
     if array.dtype.kind in "iu":
-        if array.size and (array.min() < 0 or array.max() > 255):
+        if array.min() < 0 or array.max() > 255:
             raise ValueError(f"{path}: integer images must lie in 0..255, found {array.min()}..{array.max()}")
         return ImageData(x=from_uint8(array.astype(np.uint8)), grid=GRID_8BIT, source=str(path))
     if array.dtype.kind != "f":
@@ -377,6 +376,8 @@ def _read_members(source: Path, wanted: Iterable[str]) -> dict[str, bytes]:
     """The named files of a CIFAR-10 archive or folder, read into memory (nothing is extracted)."""
     wanted = set(wanted)
     found: dict[str, bytes] = {}
+    if not source.exists():
+        raise ValueError(f"{source}: no such file or folder")
     if source.is_dir():
         folder = source / CIFAR10_FOLDER if (source / CIFAR10_FOLDER).is_dir() else source
         found = {n: (folder / n).read_bytes() for n in wanted if (folder / n).is_file()}
@@ -387,7 +388,9 @@ def _read_members(source: Path, wanted: Iterable[str]) -> dict[str, bytes]:
                     base = member.name.rsplit("/", 1)[-1]
                     if member.isfile() and base in wanted and base not in found:
                         found[base] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as err:
+        except tarfile.ReadError:
+            raise ValueError(f"{source}: not a tar archive (expected cifar-10-python.tar.gz or its folder)") from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
             raise ValueError(f"{source}: unreadable archive ({_short(err)})") from None
     return found
 

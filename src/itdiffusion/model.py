@@ -60,6 +60,12 @@ class Errors:
         return Errors(*(None if f[0] is None else torch.cat(f, dim) for f in fields))
 
 
+def check_batch_size(batch_size) -> None:
+    """``ValueError`` unless ``batch_size`` is ``None`` or a positive integer."""
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
 def _check_rounding(rounding: str) -> None:
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
@@ -170,6 +176,8 @@ class ITDiffusion(nn.Module):
             raise ValueError(
                 f"{name} has shape {tuple(x.shape)} but the spectrum is for examples of shape {self.shape}"
             )
+        if len(x) == 0:
+            raise ValueError(f"{name} has no examples")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or Inf")
         if discrete is not None:
@@ -302,6 +310,7 @@ class ITDiffusion(nn.Module):
         noise draw; uses the Gaussian control variate, so the value is an unbiased estimate
         of the truncated continuous NLL.  Gradients flow only through the denoiser.
         """
+        self.check_data(x, None)
         if generator is None:
             generator = torch.Generator(device=x.device)
             generator.seed()
@@ -430,6 +439,7 @@ class ITDiffusion(nn.Module):
         """
         if int(n_points) != n_points or n_points < 1:
             raise ValueError(f"n_points must be a positive integer, got {n_points!r}")
+        check_batch_size(batch_size)
         _check_rounding(rounding)
         self.check_data(x, discrete)
         clip = self.clip if clip is None else float(clip)

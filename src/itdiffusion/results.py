@@ -209,10 +209,15 @@ class Results:
         truncated or foreign JSON file is refused (``ValueError`` naming it) rather than ignored.
         """
         path = Path(path)
+        if not path.exists() and not _npz_path(path).exists():
+            raise ValueError(f"{path}: no such file")
         if path.suffix != ".npz" and path.exists():
             summary = _io.load_json(path)
             if summary.get("format") != FORMAT:
                 raise ValueError(f"{path}: expected a {FORMAT} file, found {summary.get('format')!r}")
+            if summary.get("version") != VERSION:
+                raise ValueError(f"{path}: {FORMAT} version {summary.get('version')!r} is not supported "
+                                 f"(this is version {VERSION})")
         arrays = _io.load_npz(_npz_path(path))
         meta = _io.read_meta(arrays, _npz_path(path), FORMAT, VERSION)
         try:

@@ -137,7 +137,9 @@ def train(
     """
     world = world or World()
     config.validate()
-    model.check_data(x_train[:1], None, name="training data")
+    model.check_data(x_train, None, name="training data")
+    if x_val is not None:
+        model.check_data(x_val, discrete, name="validation data")
     device = _device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -215,13 +217,14 @@ def _run_epoch(model, loss_fn, optimizer, x_train, config, epoch, device, progre
                 u = torch.rand(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(device)
                 x = x + config.dequantize * (u - 0.5)
             loss = loss_fn(x, gen)
+            if not math.isfinite(loss.item()):  # before the step: the weights stay those of the last good step
+                raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch}, step {step + 1}; "
+                                         "lower the lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch}; lower the lr")
             total, count = total + loss.item() * len(idx), count + len(idx)
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.4f}")

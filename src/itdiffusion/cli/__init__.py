@@ -5,8 +5,8 @@ Each subcommand lives in its own module of this package with two functions:
 that returns an exit status.  Modules are imported when the parser is built; heavy
 libraries are imported inside ``run``.
 
-Errors a user can fix (bad input, missing files, unknown names) are raised as
-:class:`UsageError` or ``ValueError``/``OSError``: they are printed as one line and the
+Errors a user can fix (bad input, missing files, unknown names, a diverging run) are raised as
+:class:`UsageError`, ``ValueError``, ``OSError`` or ``FloatingPointError``: they are printed as one line and the
 command exits with status 2 (``--debug`` shows the traceback instead).
 """
 
@@ -23,8 +23,15 @@ class UsageError(Exception):
     """A problem with the user's input; printed without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (usage is left to ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="itd", description="Exact log-likelihoods of diffusion models (Information-Theoretic Diffusion)."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -49,16 +56,23 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as stop:  # --help, --version, or a bad argument (already printed on one line)
+        return stop.code if isinstance(stop.code, int) else 2
     if args.command is None:
         parser.print_help()
+        return 2
+    if extra:
+        print(f"itd {args.command}: error: unrecognized arguments: {' '.join(extra)} (see itd {args.command} --help)",
+              file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("itd: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, OSError) as err:
+    except (UsageError, ValueError, OSError, FloatingPointError) as err:
         if args.debug:
             raise
         print(f"itd {args.command}: error: {_one_line(err)}", file=sys.stderr)

@@ -75,25 +75,25 @@ def parse_methods(text: str) -> list[str]:
 
 
 def load_data(source: str):
-    """Examples from a ``.npy`` file as a float tensor ``(N, *shape)`` (no pickles).
+    """Examples from a ``.npy`` file as a tensor ``(N, *shape)``.
 
-    Kept small on purpose: the project's data module will replace it.
+    Read by :func:`itdiffusion._io.load_npy`: no pickles, and a header that declares more
+    data than the file holds is refused before anything is allocated.
     """
     import numpy as np
     import torch
 
+    from .. import _io
+
     path = Path(source)
     if path.suffix != ".npy":
         raise UsageError(f"--data must be a .npy file (or {SAMPLE_PREFIX}N with {GMM}), got {source!r}")
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise UsageError(f"{path}: not a plain numeric .npy file ({err})") from None
+    array = _io.load_npy(path)
     if array.dtype.kind not in "fiu" or array.ndim < 2 or len(array) == 0:
         raise UsageError(f"{path}: expected a non-empty numeric array of shape (N, *shape), got {array.dtype} "
                          f"{array.shape}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise UsageError(f"{path}: contains NaN or Inf")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -141,6 +141,9 @@ def _registry_setup(args):
     x = x[: args.limit] if args.limit else x
     if args.spectrum:
         spectrum = GaussianSpectrum.load(args.spectrum)
+        if tuple(spectrum.shape) != tuple(x.shape[1:]):
+            raise UsageError(f"the spectrum {args.spectrum} is for examples of shape {tuple(spectrum.shape)}; "
+                             f"{args.data} holds {tuple(x.shape[1:])}")
     else:
         spectrum = GaussianSpectrum.from_data(x, diagonal=len(x) <= math.prod(x.shape[1:]))
     return ITDiffusion(denoiser, spectrum), x, grid
@@ -178,10 +181,15 @@ def run(args) -> int:
     methods = parse_methods(args.methods)
     if args.out and Path(args.out).suffix == ".md":
         raise UsageError("--out takes the JSON path; the Markdown table is written beside it")
-    for name in ("threads", "limit", "n_points", "probes", "ode_steps", "vlb_steps", "vlb_calls", "batch_size"):
+    if args.out and Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder; give a file name such as compare.json")
+    for name in ("threads", "limit", "n_points", "probes", "ode_steps", "vlb_steps", "vlb_calls", "batch_size",
+                 "dim", "components"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not (args.tol > 0 and math.isfinite(args.tol)):
+        raise UsageError(f"--tol must be a positive number, got {args.tol}")
     threads = args.threads or (1 if args.model == GMM else None)
     if threads:
         torch.set_num_threads(threads)

@@ -52,6 +52,8 @@ def add_parser(sub) -> None:
     p.add_argument("--label", help="name of the model in tables and figures")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--fresh", action="store_true", help="discard saved partial progress and start over")
+    p.add_argument("--resume", action="store_true", help="continue from the partial progress saved beside OUT, and "
+                   "refuse to start if there is none (without --resume, saved progress is continued when it exists)")
     add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -70,10 +72,12 @@ def _check_args(args, out: Path) -> None:
         raise ValueError(f"--out {out} is a folder")
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    if args.clip is not None and not args.clip > 0:
-        raise ValueError(f"--clip must be positive, got {args.clip}")
-    if args.checkpoint_every < 0:
-        raise ValueError("--checkpoint-every must be >= 0")
+    if args.clip is not None and not 0 < args.clip < float("inf"):
+        raise ValueError(f"--clip must be positive and finite, got {args.clip}")
+    if not args.checkpoint_every >= 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.resume and args.fresh:
+        raise ValueError("--resume continues saved progress and --fresh discards it: pass one of them")
 
 
 def run(args) -> int:
@@ -84,6 +88,8 @@ def run(args) -> int:
     _check_args(args, out)
     world, device = start_world(args)
     try:
+        if args.resume and not progress_path(out, world).exists():
+            raise ValueError(f"nothing to resume: no {progress_path(out, world)} (run without --resume to start)")
         return _evaluate(args, out, world, device)
     finally:
         shutdown(world)

@@ -39,6 +39,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         FileNotFoundError: no such file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a weights file (.safetensors or {', '.join(_PICKLE_SUFFIXES)})")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
