@@ -40,6 +40,30 @@ def write_atomic(path, write: Callable[[io.BufferedWriter], None]) -> None:
         raise
 
 
+def remove_stale_temps(path) -> int:
+    """Delete the temporary files that :func:`write_atomic` left beside ``path`` when a process
+    writing it was killed (``.NAME.*.tmp``); returns how many were removed.
+
+    Call it only where no other process can be writing ``path`` at the same time (a
+    command that owns its output, before it starts writing).
+    """
+    path = Path(path)
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp") and len(name) > len(prefix) + len(".tmp"):
+            try:
+                os.unlink(path.parent / name)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def save_npz_atomic(path, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez`` (uncompressed, no object arrays) written atomically."""
     for key, value in arrays.items():

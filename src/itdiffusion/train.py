@@ -153,6 +153,10 @@ def train(
         raise ValueError(f"batch_size {config.batch_size} is smaller than the number of processes {world.size}")
     if resume:
         start, history = _resume(model, optimizer, out, config)
+        if world.is_main:  # a run killed while writing or between its two files: tidy up, make them agree
+            for name in (CHECKPOINT, HISTORY):
+                _io.remove_stale_temps(out / name)
+            _io.save_json_atomic(out / HISTORY, history.to_json())
     loss_fn = _loss_function(model, device, world)
     for epoch in range(start, config.epochs + 1):
         began = time.perf_counter()

@@ -135,8 +135,13 @@ def _evaluate(args, out: Path, world, device) -> int:
     from ..evaluation import Evaluator
     from ._common import say
 
+    from .. import _io
+
     data, loaded, evaluator, batches, identity = _setup(args, world, device)
     partial = progress_path(out, world)
+    # Temporary files of a killed run (this process owns its progress file; the first process the results).
+    for path in [partial] + ([out, out.with_suffix(".npz")] if world.is_main else []):
+        _io.remove_stale_temps(path)
     if args.fresh and partial.exists():
         partial.unlink()
     if partial.exists():

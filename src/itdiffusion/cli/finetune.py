@@ -92,6 +92,8 @@ def run(args) -> int:
     if metric == "auto":
         metric = "discrete" if test is not None and test.grid is not None else "continuous"
     world, device = start_world(args)
+    if world.is_main and args.resume:
+        _io.remove_stale_temps(out / RUN_INFO)  # left by a killed run
     say(world, describe(data))
     say(world, f"model: {loaded.label}; {sum(p.numel() for p in loaded.denoiser.parameters()):,} parameters; "
         f"{world.size} process(es) on {device.type}")
@@ -119,8 +121,11 @@ def run(args) -> int:
         print(line + f"  {record.seconds:.1f} s", flush=True)
 
     try:
-        train(model, data.x, config, x_val=None if test is None else test.x, discrete=grid, out_dir=out,
-              resume=args.resume, meta=description, progress=not args.quiet, on_epoch=on_epoch, world=world)
+        history = train(model, data.x, config, x_val=None if test is None else test.x, discrete=grid, out_dir=out,
+                        resume=args.resume, meta=description, progress=not args.quiet, on_epoch=on_epoch,
+                        world=world)
+        if world.is_main and history.records:  # also when a resumed run had nothing left to do
+            _io.save_json_atomic(out / RUN_INFO, {**info, "epochs_done": history.records[-1].epoch})
     finally:
         from ..distributed import shutdown
 
