@@ -302,19 +302,32 @@ class ITDiffusion(nn.Module):
         return torch.exp(-a) * self.spectrum.mmse(a.to(self.spectrum_log_eigs.device)).to(a.device) / self.d
 
     # ----------------------------------------------------------------- objectives
-    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, *, share: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
         """Stochastic training objective: a differentiable estimate of mean ``-log p(x)`` in nats.
 
         One log-SNR per example, stratified across the batch over ``loc +- train_clip *
         scale`` (uniformly or from the truncated logistic, see ``train_proposal``), one
         noise draw; uses the Gaussian control variate, so the value is an unbiased estimate
         of the truncated continuous NLL.  Gradients flow only through the denoiser.
+
+        ``share=(rank, size, n)`` (data-parallel training): ``x`` holds rows
+        ``rank::size`` of a batch of ``n`` examples.  The strata and the noise are drawn
+        for the whole batch, exactly as one process would draw them, and this share's rows
+        are taken; the value is ``size / n`` times the sum of this share's per-example
+        losses, so that its average over the ``size`` processes (what
+        ``DistributedDataParallel`` does to gradients) is the batch mean, however unevenly
+        the batch is split.
         """
         self.check_data(x, None)
+        rank, size, n = (0, 1, len(x)) if share is None else (int(v) for v in share)
+        rows = slice(rank, None, size)
+        if not (0 <= rank < size and len(range(n)[rows]) == len(x)):
+            raise ValueError(f"share {share} does not match a batch of {len(x)} examples")
         if generator is None:
             generator = torch.Generator(device=x.device)
             generator.seed()
-        n = len(x)
         order = torch.randperm(n, generator=generator, device=generator.device).cpu().double()
         u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).cpu()
         frac = (order + u) / n
@@ -323,19 +336,21 @@ class ITDiffusion(nn.Module):
             logsnr, inv_density = lo + (hi - lo) * frac, torch.full_like(frac, hi - lo)
         else:
             logsnr, inv_density = logistic_quantile(frac, self.loc, self.scale, self.train_clip)
-        logsnr, weights = logsnr.to(x.device), inv_density.to(x.device)
-        eps = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+        logsnr, weights = logsnr[rows].to(x.device), inv_density[rows].to(x.device)
+        eps = torch.randn((n, *x.shape[1:]), generator=generator, device=generator.device, dtype=x.dtype)
+        eps = eps[rows].to(x.device)
         z = add_noise(x, logsnr, eps)
         eps_hat = self(z, logsnr)
         err = ((eps - eps_hat) ** 2).flatten(1).sum(1)
         with torch.no_grad():
             spec = self.spectrum
             # x and eps rotated in one product: a full basis is read from memory once per step
-            rows = torch.cat([x.detach().flatten(1).double() - spec.mean, eps.flatten(1).double()])
-            y_x, y_e = spec.to_eigenbasis(rows, shift=0.0).split(n)
+            rows_xe = torch.cat([x.detach().flatten(1).double() - spec.mean, eps.flatten(1).double()])
+            y_x, y_e = spec.to_eigenbasis(rows_xe, shift=0.0).split(len(x))
             err_g = spec.denoise_error(x, logsnr, eps, x_eig=y_x, eps_eig=y_e)
             neg_log_gauss = -spec.log_prob(x, x_eig=y_x)
-        return (neg_log_gauss + 0.5 * weights * (err.double() - err_g)).mean()
+        per_example = neg_log_gauss + 0.5 * weights * (err.double() - err_g)
+        return per_example.mean() if share is None else per_example.sum() * (size / n)
 
     # ----------------------------------------------------------------- estimates
     def discrete_split(self, clip: float | None = None) -> float:

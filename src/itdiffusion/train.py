@@ -8,8 +8,13 @@ untouched (dropout runs inside ``torch.random.fork_rng``).
 
 Data parallel (``world`` with several processes, see :mod:`itdiffusion.distributed`):
 every process draws the same epoch permutation and takes every ``size``-th example of
-each batch; gradients are averaged by ``DistributedDataParallel``; only the first
-process validates and writes files.  One process behaves exactly as without ``world``.
+each batch; every process draws the log-SNR strata and noise of the whole batch from
+the same stream and keeps its rows, so each example is trained with the noise it would
+get in one process, and each process's loss is scaled so that the gradients averaged by
+``DistributedDataParallel`` are those of the batch mean.  Without dropout the only
+difference from one process is then the order of floating-point sums (see
+``tests/test_pipeline.py``); dropout masks are drawn per process.  Only the first process
+validates and writes files.  One process behaves exactly as without ``world``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from .rng import example_seed
 
 CHECKPOINT = "checkpoint.safetensors"
 HISTORY = "history.json"
-_RANK_STRIDE = 7919  # offsets the seeds of process r > 0 (process 0 keeps the one-process seeds)
+_RANK_STRIDE = 7919  # offsets the dropout seed of process r > 0 (process 0 keeps the one-process seed)
 
 
 @dataclass
@@ -181,13 +186,13 @@ class _Loss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.model.loss(x, generator=generator)
+    def forward(self, x: torch.Tensor, generator: torch.Generator, share: tuple[int, int, int]) -> torch.Tensor:
+        return self.model.loss(x, generator=generator, share=share)
 
 
 def _loss_function(model: ITDiffusion, device: torch.device, world: World):
     if not world.distributed:
-        return lambda x, generator: model.loss(x, generator=generator)
+        return lambda x, generator, share: model.loss(x, generator=generator)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device] if device.type == "cuda" else None
@@ -196,16 +201,18 @@ def _loss_function(model: ITDiffusion, device: torch.device, world: World):
 
 
 def _epoch_batches(n: int, config: TrainConfig, epoch: int, world: World) -> list[torch.Tensor]:
-    """This process's examples of every batch of the epoch (the same permutation on every process)."""
+    """Every batch of the epoch (the same permutation on every process)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch)))
     batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
     if world.distributed:  # a trailing batch too small to give every process an example is dropped
-        batches = [b[world.rank :: world.size] for b in batches if len(b) >= world.size]
+        batches = [b for b in batches if len(b) >= world.size]
     return batches
 
 
 def _run_epoch(model, loss_fn, optimizer, x_train, config, epoch, device, progress, world) -> float:
-    seed = _epoch_seed(config.seed, epoch) + _RANK_STRIDE * world.rank
+    seed = _epoch_seed(config.seed, epoch)
+    # The same stream on every process: each draws the noise of the whole batch and keeps its rows,
+    # so that the examples see the noise they would see in one process.
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     batches = _epoch_batches(len(x_train), config, epoch, world)
     model.train()
@@ -213,14 +220,15 @@ def _run_epoch(model, loss_fn, optimizer, x_train, config, epoch, device, progre
     bar = _progress(len(batches), f"epoch {epoch}/{config.epochs}", progress and world.is_main)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed + 2)  # dropout inside the fork only
-        for step, idx in enumerate(batches):
+        torch.manual_seed(seed + 2 + _RANK_STRIDE * world.rank)  # dropout, inside the fork only
+        for step, batch in enumerate(batches):
             _set_lr(optimizer, config, (epoch - 1) * len(batches) + step, config.epochs * len(batches))
-            x = x_train[idx].to(device)
+            rows = slice(world.rank, None, world.size)
+            x = x_train[batch[rows]].to(device)
             if config.dequantize:
-                u = torch.rand(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(device)
-                x = x + config.dequantize * (u - 0.5)
-            loss = loss_fn(x, gen)
+                u = torch.rand((len(batch), *x.shape[1:]), generator=gen, device=gen.device, dtype=x.dtype)
+                x = x + config.dequantize * (u[rows].to(device) - 0.5)
+            loss = loss_fn(x, gen, (world.rank, world.size, len(batch)))
             if not math.isfinite(loss.item()):  # before the step: the weights stay those of the last good step
                 raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch}, step {step + 1}; "
                                          "lower the lr")
@@ -229,7 +237,8 @@ def _run_epoch(model, loss_fn, optimizer, x_train, config, epoch, device, progre
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
+            # this process's share of the batch's summed loss (the loss of a share is scaled by size / n)
+            total, count = total + loss.item() * len(batch) / world.size, count + len(x)
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.4f}")
     bar.close()
