@@ -558,6 +558,15 @@ def test_python(files, call, message):
     assert _snapshot(files["root"]) == before, "an input file was changed, created or deleted"
 
 
+def test_pickled_weights_are_refused_with_a_vulnerable_torch(files, monkeypatch):
+    from itdiffusion.denoisers import load_state_dict
+
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(ValueError, match=r"torch 2\.5\.1: .*CVE-2025-32434"):
+        load_state_dict(files["foreign_pt"])
+    assert load_state_dict(files["foreign"]).keys() == {"conv.weight", "conv.bias"}  # safetensors: no pickle
+
+
 def test_debug_shows_the_traceback(files):
     with pytest.raises(ValueError, match="no png/jpg/jpeg"):
         main(["--debug", "data", "info", "--data", str(files["empty"])])

@@ -64,8 +64,21 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: truncated, corrupt or forged safetensors file ({err})") from None
 
 
+# torch's weights_only unpickler could be made to run code before 2.6 (CVE-2025-32434) and to
+# corrupt memory before 2.10 (CVE-2026-24747): pickled weights are read only with a fixed torch.
+SAFE_WEIGHTS_ONLY_TORCH = (2, 10)
+
+
 def _load_pickle_weights_only(path: Path):
     """torch.load restricted to tensors and plain containers; refusals become one-line ValueErrors."""
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) < SAFE_WEIGHTS_ONLY_TORCH:
+        raise ValueError(
+            f"refusing to read the pickled weights {path} with torch {torch.__version__}: its weights_only loader "
+            f"can be made to run code (CVE-2025-32434, CVE-2026-24747); upgrade to torch >= "
+            f"{'.'.join(map(str, SAFE_WEIGHTS_ONLY_TORCH))} or convert the file to .safetensors where you trust it"
+        )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
