@@ -141,6 +141,11 @@ def files(tmp_path_factory):
     f["truncated_run"].mkdir()
     (f["truncated_run"] / "checkpoint.safetensors").write_bytes(ckpt[: len(ckpt) * 2 // 3])
     f["truncated_ckpt"] = f["truncated_run"] / "checkpoint.safetensors"
+    f["flipped_run"] = root / "flipped_run"
+    f["flipped_run"].mkdir()
+    flipped = bytearray(ckpt)
+    flipped[-1000] ^= 0x10  # one bit of one weight: the file is otherwise perfectly valid
+    (f["flipped_run"] / "checkpoint.safetensors").write_bytes(bytes(flipped))
     f["foreign"] = root / "foreign.safetensors"
     from safetensors.torch import save_file
 
@@ -275,6 +280,7 @@ CLI_CASES = [
     ("finetune-truncated-checkpoint", [*FT, "--model", "{truncated_ckpt}", "--out", "{out}/r"],
      "truncated or invalid checkpoint"),
     ("finetune-truncated-run", [*FT, "--model", "{truncated_run}", "--out", "{out}/r"], "truncated"),
+    ("finetune-corrupt-checkpoint", [*FT, "--model", "{flipped_run}", "--out", "{out}/r"], "corrupt checkpoint"),
     ("finetune-folder-without-model", [*FT, "--model", "{empty}", "--out", "{out}/r"], "neither a run directory"),
     ("finetune-weights-without-registry-name", [*FT, "--model", "{run}", "--weights", "{foreign}", "--out", "{out}/r"],
      "--weights goes with a registry model name"),
@@ -314,6 +320,8 @@ CLI_CASES = [
      "the spectrum is for examples of shape (1, 16, 16)"),
     ("eval-model-for-other-images", [*EV, "--data", "{png16}", "--spectrum", "{spec16}", "--out", "{out}/r.json"],
      "models images of shape (1, 8, 8)"),
+    ("eval-corrupt-checkpoint", [*EV, "--model", "{flipped_run}", "--out", "{out}/r.json"],
+     "checkpoint.safetensors: corrupt checkpoint (its tensors do not match their SHA-256)"),
     ("eval-missing-spectrum", [*EV, "--spectrum", "{missing}", "--out", "{out}/r.json"], "no such file"),
     ("eval-unknown-model", [*EV, "--model", "ddpm-cifar100", "--out", "{out}/r.json"], "not a model name"),
     ("eval-missing-model-file", [*EV, "--model", "{missing}", "--out", "{out}/r.json"], "no such file or folder"),
@@ -522,6 +530,8 @@ def _py_cases():
         ("load-state-dict-not-a-state-dict", lambda f: load_state_dict(f["not_a_state_dict"]), "no state dict"),
         ("load-state-dict-truncated", lambda f: load_state_dict(f["truncated_ckpt"]), "truncated"),
         ("load-checkpoint-truncated", lambda f: load_checkpoint(f["truncated_ckpt"]), "truncated"),
+        ("load-checkpoint-one-bit-flipped", lambda f: load_checkpoint(f["flipped_run"] / "checkpoint.safetensors"),
+         "corrupt checkpoint"),
         ("load-checkpoint-foreign", lambda f: load_checkpoint(f["foreign"]), "not an itdiffusion checkpoint"),
         ("load-checkpoint-folder", lambda f: load_checkpoint(f["run"]), "is not a file"),
         ("load-run-empty-folder", lambda f: load_run(f["empty"]), "no such checkpoint file"),

@@ -1,12 +1,14 @@
 """Training checkpoints as single safetensors files (no pickle), written atomically.
 
 A checkpoint holds the model's ``state_dict`` (network weights and the spectrum
-buffers), the optimizer's tensors, the epoch, the generator state and JSON metadata
-(training config, model description, history).
+buffers), the optimizer's tensors, the epoch and JSON metadata
+(training config, model description, history), and the SHA-256 of its tensors, checked
+when it is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from . import _io
 
 FORMAT = "itdiffusion.checkpoint"
 VERSION = 1
+DIGEST = "tensors_sha256"
 
 
 @dataclass
@@ -51,6 +54,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
     return {"state": state, "param_groups": info["param_groups"]}
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes (stored in a checkpoint, checked on loading:
+    safetensors itself has no checksum, so a damaged byte in the data would otherwise load silently)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path, ckpt: Checkpoint) -> None:
     """Write ``ckpt`` to ``path`` (safetensors) atomically."""
     from safetensors.torch import save
@@ -61,6 +76,7 @@ def save_checkpoint(path, ckpt: Checkpoint) -> None:
         opt_tensors, opt_info = _flatten_optimizer(ckpt.optimizer_state)
         tensors.update({k: v.detach().contiguous().cpu() for k, v in opt_tensors.items()})
         meta["optimizer"] = opt_info
+    meta[DIGEST] = tensors_digest(tensors)
     data = save(tensors, metadata={"itdiffusion": json.dumps(_io._json_safe(meta))})
     _io.write_atomic(path, lambda fh: fh.write(data))
 
@@ -90,6 +106,9 @@ def load_checkpoint(path) -> Checkpoint:
         raise ValueError(f"{path}: not an itdiffusion checkpoint")
     if meta.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint version {meta.get('version')!r} is not supported (this is {VERSION})")
+    expected = meta.pop(DIGEST, None)  # absent in checkpoints written before it was added
+    if expected is not None and expected != tensors_digest(tensors):
+        raise ValueError(f"{path}: corrupt checkpoint (its tensors do not match their SHA-256)")
     try:
         model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optim/")}
