@@ -92,8 +92,11 @@ def run(args) -> int:
     if metric == "auto":
         metric = "discrete" if test is not None and test.grid is not None else "continuous"
     world, device = start_world(args)
-    if world.is_main and args.resume:
-        _io.remove_stale_temps(out / RUN_INFO)  # left by a killed run
+    if world.is_main:  # temporary files of a run killed while writing (this command owns --out)
+        from ..train import CHECKPOINT, HISTORY
+
+        for name in (CHECKPOINT, HISTORY, RUN_INFO):
+            _io.remove_stale_temps(out / name)
     say(world, describe(data))
     say(world, f"model: {loaded.label}; {sum(p.numel() for p in loaded.denoiser.parameters()):,} parameters; "
         f"{world.size} process(es) on {device.type}")
