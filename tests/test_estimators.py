@@ -232,3 +232,14 @@ def test_antithetic_layout_noise_is_standard_normal():
     assert abs(flat.mean().item()) < 0.03 and abs(flat.var().item() - 1) < 0.03
     odd = CallLayout(6, antithetic=True)
     assert odd.n_strata == 2 and odd.stratum().tolist() == [0, 0, 0, 0, 1, 1]
+
+
+def test_errors_in_x_units(gen):
+    mix = make_mixture(3, seed=9)
+    model = itd.ITDiffusion(mix, itd.GaussianSpectrum.from_data(mix.sample(500, gen)))
+    x = mix.sample(4, gen)
+    logsnr = torch.tensor([-2.0, 0.0, 1.0, 3.0], dtype=torch.float64)
+    eps = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    errs = model.errors(x, logsnr, eps)
+    x_hat = itd.channel.x_from_eps(itd.channel.add_noise(x, logsnr, eps), mix(itd.channel.add_noise(x, logsnr, eps), logsnr), logsnr)
+    assert torch.allclose(errs.in_x_units(logsnr).raw, ((x - x_hat) ** 2).sum(1), rtol=1e-9)

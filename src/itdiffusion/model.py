@@ -51,6 +51,11 @@ class Errors:
             raise ValueError(f"{rounding!r} rounding was not computed")
         return value
 
+    def in_x_units(self, logsnr: torch.Tensor) -> "Errors":
+        """The same errors in data units, ``||x - x_hat||^2 = e^-a ||eps - eps_hat||^2``."""
+        scale = torch.exp(-logsnr.double()).to(self.raw.device)
+        return self.map(lambda t: t * scale.expand_as(t))
+
     def map(self, fn) -> "Errors":
         return Errors(*(None if t is None else fn(t) for t in (self.raw, self.gauss, self.hard, self.soft)))
 

@@ -264,7 +264,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _save(out: Path, model, optimizer, epoch, config, history, meta) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_meta = {"train_config": asdict(config), "history": history.to_json(), "model": meta or {}}
+    # The RNG state of the next epoch is a function of (seed, epoch): record it explicitly.
+    rng = {"seed": config.seed, "next_epoch": epoch + 1, "next_epoch_seed": _epoch_seed(config.seed, epoch + 1)}
+    ckpt_meta = {"train_config": asdict(config), "history": history.to_json(), "model": meta or {}, "rng": rng}
     save_checkpoint(out / CHECKPOINT, Checkpoint(model.state_dict(), optimizer.state_dict(), epoch, ckpt_meta))
     _io.save_json_atomic(out / HISTORY, history.to_json())
 
