@@ -132,10 +132,9 @@ def _evaluate(args, out: Path, world, device) -> int:
     from tqdm.auto import tqdm
 
     from ..distributed import barrier, gather_rows
+    from .. import _io
     from ..evaluation import Evaluator
     from ._common import say
-
-    from .. import _io
 
     data, loaded, evaluator, batches, identity = _setup(args, world, device)
     partial = progress_path(out, world)
