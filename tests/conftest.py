@@ -15,6 +15,21 @@ def make_mixture(d: int, k: int = 5, seed: int = 0) -> itd.GaussianMixture:
     return itd.GaussianMixture(means, stds, weights)
 
 
+def random_gaussian(d: int, seed: int = 0) -> itd.GaussianSpectrum:
+    """A fixed full-covariance Gaussian N(mu, Sigma) in d dimensions (eigenvalues >= 0.2)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    eigs, vecs = torch.linalg.eigh(a @ a.T / d + 0.2 * torch.eye(d, dtype=torch.float64))
+    mean = torch.randn(d, generator=gen, dtype=torch.float64)
+    return itd.GaussianSpectrum(mean, vecs, eigs.log(), (d,))
+
+
+def gaussian_sample(spec: itd.GaussianSpectrum, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n samples (float64) of the Gaussian described by spec."""
+    z = torch.randn(n, spec.d, generator=gen, dtype=torch.float64)
+    return spec.mean + spec.from_eigenbasis(z * torch.exp(0.5 * spec.log_eigs))
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

@@ -8,7 +8,7 @@ import torch
 import itdiffusion as itd
 from itdiffusion import baselines as bl
 from itdiffusion.channel import add_noise, alpha_sigma
-from conftest import make_mixture, within
+from conftest import gaussian_sample, make_mixture, random_gaussian, within
 
 
 class LinearGaussian(torch.nn.Module):
@@ -23,19 +23,6 @@ class LinearGaussian(torch.nn.Module):
         y = (z.double() - alpha * self.spec.mean) @ self.spec.eigvecs
         gain = sigma / (alpha**2 * self.spec.log_eigs.exp() + sigma**2)
         return ((gain * y) @ self.spec.eigvecs.T).to(z.dtype)
-
-
-def gaussian(d, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(d, d, generator=gen, dtype=torch.float64)
-    eigs, vecs = torch.linalg.eigh(a @ a.T / d + 0.2 * torch.eye(d, dtype=torch.float64))
-    mean = torch.randn(d, generator=gen, dtype=torch.float64)
-    return itd.GaussianSpectrum(mean, vecs, eigs.log(), (d,))
-
-
-def gaussian_sample(spec, n, gen):
-    z = torch.randn(n, spec.d, generator=gen, dtype=torch.float64)
-    return spec.mean + spec.from_eigenbasis(z * torch.exp(0.5 * spec.log_eigs))
 
 
 def mixture_model(d, gen, seed=None):
@@ -54,7 +41,7 @@ def discrete_law(seed=0):
 # ----------------------------------------------------------------------------- Gaussian: exact
 @pytest.fixture(scope="module")
 def gauss_case():
-    truth = gaussian(4)
+    truth = random_gaussian(4)
     model = itd.ITDiffusion(LinearGaussian(truth), truth)
     x = gaussian_sample(truth, 8, torch.Generator().manual_seed(0))
     return model, x, -truth.log_prob(x)

@@ -7,15 +7,6 @@ from itdiffusion import GaussianSpectrum, ITDiffusion
 from itdiffusion.denoisers import DiffusersDenoiser, IDDPMDenoiser, IDDPMUNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run far faster on one thread (and do not stall on busy machines)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def toy_images(n: int = 16, size: int = 8) -> torch.Tensor:
     """(n, 3, size, size) fixed images in (-1, 1) with spatial and channel correlations."""
     g = torch.Generator().manual_seed(0)

@@ -36,15 +36,6 @@ SCHEDULES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run far faster on one thread (and do not stall on busy machines)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_unet(seed: int = 0, **kw):
     torch.manual_seed(seed)  # module initialisation only
     return diffusers.UNet2DModel(**{**TINY_UNET, **kw}).eval()

@@ -7,27 +7,14 @@ import torch
 
 import itdiffusion as itd
 from itdiffusion.channel import add_noise
-from conftest import make_mixture, within
-
-
-def gaussian(d, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(d, d, generator=gen, dtype=torch.float64)
-    eigs, vecs = torch.linalg.eigh(a @ a.T / d + 0.2 * torch.eye(d, dtype=torch.float64))
-    mean = torch.randn(d, generator=gen, dtype=torch.float64)
-    return itd.GaussianSpectrum(mean, vecs, eigs.log(), (d,))
-
-
-def sample(spec, n, gen):
-    z = torch.randn(n, spec.d, generator=gen, dtype=torch.float64)
-    return spec.mean + spec.from_eigenbasis(z * torch.exp(0.5 * spec.log_eigs))
+from conftest import gaussian_sample, make_mixture, random_gaussian, within
 
 
 def test_gaussian_pointwise_density_with_another_reference(gen):
     """Optimal denoiser of N(mu, Sigma), reference N(0, I): recovers log N(x) per point, and h_g on average."""
-    truth = gaussian(8)
+    truth = random_gaussian(8)
     model = itd.ITDiffusion(truth, itd.GaussianSpectrum.isotropic((8,)))
-    x = sample(truth, 400, gen)
+    x = gaussian_sample(truth, 400, gen)
     nll = model.nll(x, 128, generator=gen)
     exact = -truth.log_prob(x)
     within(nll, exact)
@@ -36,9 +23,9 @@ def test_gaussian_pointwise_density_with_another_reference(gen):
 
 
 def test_gaussian_with_its_own_reference_is_exact(gen):
-    truth = gaussian(5)
+    truth = random_gaussian(5)
     model = itd.ITDiffusion(truth, truth)
-    x = sample(truth, 10, gen)
+    x = gaussian_sample(truth, 10, gen)
     assert torch.allclose(model.nll(x, 16, generator=gen), -truth.log_prob(x), atol=1e-9)
 
 

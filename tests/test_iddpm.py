@@ -14,14 +14,6 @@ from itdiffusion.denoisers.iddpm import timestep_embedding
 FIXTURES = Path(__file__).parent / "fixtures" / "iddpm"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run far faster on one thread (and do not stall on busy machines)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 TINY = dict(
     in_channels=3,
     model_channels=32,

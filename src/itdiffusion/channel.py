@@ -41,11 +41,3 @@ def eps_from_x(z: torch.Tensor, x_hat: torch.Tensor, logsnr: torch.Tensor) -> to
     """Noise estimate ``eps_hat = (z - alpha * x_hat) / sigma`` (inverse of :func:`x_from_eps`)."""
     a = _expand(logsnr, z)
     return torch.exp(0.5 * F.softplus(a)) * z - torch.exp(0.5 * a) * x_hat
-
-
-def sq_norm(t: torch.Tensor) -> torch.Tensor:
-    """Per-example squared norm ``(B, *shape) -> (B,)``, accumulated in at least float32."""
-    t = t.flatten(1)
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    return (t * t).sum(1)
