@@ -127,8 +127,8 @@ def digits_setup(seed: int = 0):
     Weights are random, with a non-zero output layer so that ``x_hat`` varies like a real
     network's (timing does not depend on the weights).
     """
-    from itdiffusion.data import load_dataset
-    from itdiffusion.nets import SmallUNet
+    from itdiffusion.data.toy import load_dataset
+    from itdiffusion.denoisers.nets import SmallUNet
 
     torch.manual_seed(seed)
     data = load_dataset("digits", seed=seed)

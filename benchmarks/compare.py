@@ -1,6 +1,6 @@
 """Error against the exact NLL versus network calls: IT, variational bounds and the ODE likelihood.
 
-On the built-in Gaussian mixtures (``itdiffusion.compare.demo_mixture``, 5 isotropic
+On the built-in Gaussian mixtures (``itdiffusion.baselines.compare.demo_mixture``, 5 isotropic
 components, exact denoiser, exact density) in d = 2, 64 and 512 dimensions, every method
 runs through ``itd.compare`` at several budgets on the same examples:
 
@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 import itdiffusion as itd
-from itdiffusion.baselines import EXACT_TRACE_MAX_D
-from itdiffusion.compare import demo_mixture
+from itdiffusion.baselines.methods import EXACT_TRACE_MAX_D
+from itdiffusion.baselines.compare import demo_mixture
 
 TARGET_BPD = 0.01
 TIE = 0.02  # a rival within 2% of IT's error counts as a tie (vlb-ct shares IT's points and noise)

@@ -21,8 +21,8 @@ import time
 import torch
 
 import itdiffusion as itd
-from itdiffusion.integration import logistic_quantile
-from itdiffusion.rng import CallLayout, draw_example_noise
+from itdiffusion.core.proposal import logistic_quantile
+from itdiffusion.core.noise import CallLayout, draw_example_noise
 
 
 def mixture(d: int, seed: int) -> itd.GaussianMixture:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itdiffusion as itd  # noqa: E402
 from _bench import ddpm_setup, image_spectrum, machine, print_machine, synthetic_images  # noqa: E402
 from itdiffusion.evaluation import EvalConfig, Evaluator  # noqa: E402
-from itdiffusion.performance import DeviceOptions, optimize_denoiser  # noqa: E402
+from itdiffusion.denoisers.device import DeviceOptions, optimize_denoiser  # noqa: E402
 
 PAPER_IMAGES, PAPER_POINTS = 10_000, 1_000
 GOAL_SECONDS = 30 * 60

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from itdiffusion.channel import add_noise, x_from_eps
+from itdiffusion.core.channel import add_noise, x_from_eps
 
 
 def dense_soft_round(x_hat: torch.Tensor, logsnr: float, grid) -> torch.Tensor:

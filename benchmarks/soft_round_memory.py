@@ -60,8 +60,8 @@ def child(variant: str, batch: int, threads: int) -> None:
 
     import itdiffusion as itd
     from _bench import set_threads, synthetic_images
-    from itdiffusion.grid import soft_round_index_dense
-    from itdiffusion.integration import logistic_points
+    from itdiffusion.core.grid import soft_round_index_dense
+    from itdiffusion.core.proposal import logistic_points
 
     set_threads(threads)
     grid = itd.DiscreteGrid(-1.0, 1.0, LEVELS)
@@ -123,7 +123,7 @@ def main() -> None:
     if abs(pkg["checksum"] - dense["checksum"]) > 1e-6 * max(1.0, abs(dense["checksum"])):
         raise SystemExit(f"results differ: {pkg['checksum']} vs {dense['checksum']}")
     n = batch * D
-    from itdiffusion.softround import default_max_elements
+    from itdiffusion.core.softround import default_max_elements
 
     # package: the float64 index copy and the result (n each) plus its temporaries' budget
     largest = {"package": 8 * (2 * n + default_max_elements("cpu")), "dense": 8 * LEVELS * n}

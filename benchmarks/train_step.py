@@ -31,8 +31,8 @@ from _bench import (  # noqa: E402
     add_common_args, ddpm_setup, digits_setup, machine, median, print_machine, set_threads, synthetic_images,
     timed, write_json,
 )
-from itdiffusion.channel import add_noise  # noqa: E402
-from itdiffusion.integration import logistic_quantile  # noqa: E402
+from itdiffusion.core.channel import add_noise  # noqa: E402
+from itdiffusion.core.proposal import logistic_quantile  # noqa: E402
 
 
 def compare(name: str, net, spectrum, x: torch.Tensor, steps: int) -> dict:
@@ -89,7 +89,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     rows = []
     net, _, spectrum, _ = digits_setup()
-    from itdiffusion.data import load_dataset
+    from itdiffusion.data.toy import load_dataset
 
     x = load_dataset("digits").train[:digits_batch]
     rows.append(compare("digits U-Net", net, spectrum, x, digits_steps))

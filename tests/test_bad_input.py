@@ -55,7 +55,7 @@ def _forged_npy(path: Path) -> None:
 
 def _bump_results_version(src_json: Path, dst_json: Path, version: int) -> None:
     """Copy a results pair with its format version changed in both files."""
-    from itdiffusion import _io
+    from itdiffusion import fileio as _io
 
     meta = json.loads(src_json.read_text())
     meta["version"] = version
@@ -72,7 +72,7 @@ def files(tmp_path_factory):
     """Every input of the table, built once (about 2 s: one tiny fine-tuning run, one tiny evaluation)."""
     import itdiffusion as itd
     from itdiffusion.evaluation import EvalConfig, Evaluator
-    from itdiffusion.images import load_data
+    from itdiffusion.data.images import load_data
 
     root = tmp_path_factory.mktemp("bad-input")
     f = {"root": root}
@@ -157,7 +157,7 @@ def files(tmp_path_factory):
     f["weights_txt"] = root / "weights.bin.txt"
     f["weights_txt"].write_text("weights")
 
-    from itdiffusion.models import load_run
+    from itdiffusion.resolve import load_run
 
     spectrum = itd.GaussianSpectrum.load(f["spec"])
     model = itd.ITDiffusion(load_run(f["run"]).denoiser, spectrum)
@@ -425,12 +425,12 @@ def test_cli(files, tmp_path, capsys, argv, message):
 # ----------------------------------------------------------------------------- the Python table
 def _py_cases():
     import itdiffusion as itd
-    from itdiffusion.checkpoint import load_checkpoint
+    from itdiffusion.training.checkpoint import load_checkpoint
     from itdiffusion.denoisers import build_denoiser, load_state_dict
     from itdiffusion.evaluation import EvalConfig, Evaluator
-    from itdiffusion.images import load_data, read_image_folder, read_npy
-    from itdiffusion.models import load_run, resolve_model
-    from itdiffusion.train import TrainConfig, train
+    from itdiffusion.data.images import load_data, read_image_folder, read_npy
+    from itdiffusion.resolve import load_run, resolve_model
+    from itdiffusion.training.train import TrainConfig, train
 
     grid = itd.DiscreteGrid(-1.0, 1.0, 17)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import itdiffusion as itd
-from itdiffusion import baselines as bl
+from itdiffusion.baselines import methods as bl
 from itdiffusion.cli import main
-from itdiffusion.compare import (default_variance, demo_mixture, denoiser_schedule,
+from itdiffusion.baselines.compare import (default_variance, demo_mixture, denoiser_schedule,
                                  learned_variance_denoiser, mixture_spectrum)
 from itdiffusion.denoisers import IDDPMDenoiser
 from conftest import make_mixture, within

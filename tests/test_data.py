@@ -1,4 +1,4 @@
-"""Tests for the built-in data sets (itdiffusion.data)."""
+"""Tests for the built-in data sets (itdiffusion.data.toy)."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from itdiffusion.data import (
+from itdiffusion.data.toy import (
     DIGITS_GRID,
     GMM_ENTROPY,
     Dataset,

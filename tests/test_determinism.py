@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import itdiffusion as itd
-from itdiffusion.images import load_data
-from itdiffusion.models import resolve_model
+from itdiffusion.data.images import load_data
+from itdiffusion.resolve import resolve_model
 
 RTOL = 1e-6
 

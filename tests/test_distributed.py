@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from itdiffusion.distributed import World, all_sum, gather_rows, shard, world_from_env
+from itdiffusion.training.distributed import World, all_sum, gather_rows, shard, world_from_env
 
 
 def test_world_from_env():

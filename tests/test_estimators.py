@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import itdiffusion as itd
-from itdiffusion.channel import add_noise
+from itdiffusion.core.channel import add_noise
 from conftest import gaussian_sample, make_mixture, random_gaussian, within
 
 
@@ -135,7 +135,7 @@ def test_rounding_returns_grid_values():
 
 @pytest.mark.parametrize("levels", [17, 256])
 def test_windowed_soft_rounding_equals_dense(levels):
-    from itdiffusion.grid import soft_round_index_dense
+    from itdiffusion.core.grid import soft_round_index_dense
 
     grid = itd.DiscreteGrid(-1.0, 1.0, levels)
     gen = torch.Generator().manual_seed(0)
@@ -195,7 +195,7 @@ def test_state_dict_carries_the_spectrum(gen):
 
 @pytest.mark.parametrize("d", [1, 2, 7, 64, 3072])
 def test_chi2_antithetic_radius_is_exactly_chi2(d):
-    from itdiffusion.rng import chi2_antithetic
+    from itdiffusion.core.noise import chi2_antithetic
 
     gen = torch.Generator().manual_seed(d)
     r2 = (torch.randn(4000, d, generator=gen, dtype=torch.float64) ** 2).sum(1)
@@ -209,7 +209,7 @@ def test_chi2_antithetic_radius_is_exactly_chi2(d):
 
 
 def test_antithetic_layout_noise_is_standard_normal():
-    from itdiffusion.rng import CallLayout
+    from itdiffusion.core.noise import CallLayout
 
     layout = CallLayout(8, antithetic=True)
     eps = torch.randn(3000, 2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -228,5 +228,5 @@ def test_errors_in_x_units(gen):
     logsnr = torch.tensor([-2.0, 0.0, 1.0, 3.0], dtype=torch.float64)
     eps = torch.randn(4, 3, generator=gen, dtype=torch.float64)
     errs = model.errors(x, logsnr, eps)
-    x_hat = itd.channel.x_from_eps(itd.channel.add_noise(x, logsnr, eps), mix(itd.channel.add_noise(x, logsnr, eps), logsnr), logsnr)
+    x_hat = itd.core.channel.x_from_eps(itd.core.channel.add_noise(x, logsnr, eps), mix(itd.core.channel.add_noise(x, logsnr, eps), logsnr), logsnr)
     assert torch.allclose(errs.in_x_units(logsnr).raw, ((x - x_hat) ** 2).sum(1), rtol=1e-9)

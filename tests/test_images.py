@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from itdiffusion.cli import main
-from itdiffusion.images import (GRID_8BIT, from_uint8, load_data, read_cifar10, read_image_folder, read_npy,
+from itdiffusion.data.images import (GRID_8BIT, from_uint8, load_data, read_cifar10, read_image_folder, read_npy,
                                 unpickle_cifar_batch)
 
 _RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]

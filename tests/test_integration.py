@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from itdiffusion.integration import default_loc_scale, logistic_points, logistic_weights
+from itdiffusion.core.proposal import default_loc_scale, logistic_points, logistic_weights
 
 
 @pytest.mark.parametrize("mode", ["iid", "stratified", "grid"])

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from itdiffusion import Results
-from itdiffusion.checkpoint import load_checkpoint
+from itdiffusion.training.checkpoint import load_checkpoint
 from itdiffusion.cli import main
 
 SRC = Path(__file__).resolve().parent.parent / "src"

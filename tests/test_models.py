@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 import itdiffusion as itd
-from itdiffusion.models import (describe_small_unet, load_run, match_registry, resolve_model, small_unet_config,
+from itdiffusion.resolve import (describe_small_unet, load_run, match_registry, resolve_model, small_unet_config,
                                 state_fingerprint)
-from itdiffusion.nets import GaussianResidual
-from itdiffusion.train import TrainConfig, train
+from itdiffusion.denoisers.nets import GaussianResidual
+from itdiffusion.training.train import TrainConfig, train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

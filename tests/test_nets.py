@@ -1,11 +1,11 @@
-"""Tests for the denoiser networks (itdiffusion.nets)."""
+"""Tests for the denoiser networks (itdiffusion.denoisers.nets)."""
 
 import math
 
 import pytest
 import torch
 
-from itdiffusion.nets import FourierFeatures, LogSNREmbedding, MLPDenoiser, SmallUNet
+from itdiffusion.denoisers.nets import FourierFeatures, LogSNREmbedding, MLPDenoiser, SmallUNet
 
 
 def _make(cls, **kwargs):

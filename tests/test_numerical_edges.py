@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import itdiffusion as itd
-from itdiffusion.channel import add_noise, alpha_sigma, eps_from_x, x_from_eps
-from itdiffusion.grid import soft_round_index_dense
-from itdiffusion.rng import CallLayout, chi2_antithetic
+from itdiffusion.core.channel import add_noise, alpha_sigma, eps_from_x, x_from_eps
+from itdiffusion.core.grid import soft_round_index_dense
+from itdiffusion.core.noise import CallLayout, chi2_antithetic
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import itdiffusion as itd
-from itdiffusion import softround
-from itdiffusion.channel import add_noise, x_from_eps
-from itdiffusion.grid import soft_round_index_dense
-from itdiffusion.nets import SmallUNet
-from itdiffusion.performance import DeviceOptions, OptimizedDenoiser, optimize_denoiser
+from itdiffusion.core import softround
+from itdiffusion.core.channel import add_noise, x_from_eps
+from itdiffusion.core.grid import soft_round_index_dense
+from itdiffusion.denoisers.nets import SmallUNet
+from itdiffusion.denoisers.device import DeviceOptions, OptimizedDenoiser, optimize_denoiser
 
 
 # ----------------------------------------------------------------------------- soft rounding

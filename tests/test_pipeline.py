@@ -224,8 +224,8 @@ def test_two_process_finetune_writes_one_run_equal_to_one_process(pipeline, tmp_
     history = json.loads((out / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2] and all(math.isfinite(r["val_nll"]) for r in history)
     assert json.loads((out / "run.json").read_text())["processes"] == 2
-    from itdiffusion.checkpoint import load_checkpoint
-    from itdiffusion.models import load_run
+    from itdiffusion.training.checkpoint import load_checkpoint
+    from itdiffusion.resolve import load_run
 
     assert load_run(out).epoch == 2
     assert main([*args, "--out", str(one)]) == 0
@@ -246,7 +246,7 @@ def test_spectrum_command(tmp_path, capsys):
     assert main(["spectrum", "--data", "digits", "--out", str(out), "--max-samples", "10", "--diagonal"]) == 0
     assert "diagonal spectrum of 10 images" in capsys.readouterr().out
     from itdiffusion import GaussianSpectrum
-    from itdiffusion.images import load_data
+    from itdiffusion.data.images import load_data
 
     spec = GaussianSpectrum.load(out)
     assert spec.diagonal and spec.shape == (1, 8, 8)

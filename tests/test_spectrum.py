@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import itdiffusion as itd
-from itdiffusion.channel import add_noise
+from itdiffusion.core.channel import add_noise
 
 
 def random_gaussian(d, seed=0):

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import itdiffusion as itd
-from itdiffusion.checkpoint import load_checkpoint
-from itdiffusion.train import TrainConfig, train
+from itdiffusion.training.checkpoint import load_checkpoint
+from itdiffusion.training.train import TrainConfig, train
 from conftest import make_mixture
 
 

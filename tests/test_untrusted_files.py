@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import itdiffusion as itd
-from itdiffusion import _io
-from itdiffusion.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from itdiffusion import fileio as _io
+from itdiffusion.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from itdiffusion.denoisers import load_state_dict
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -407,7 +407,7 @@ def test_truncated_results_are_refused(tmp_path, results):
 def _writers(results):
     def figure(path):
         pytest.importorskip("matplotlib")
-        from itdiffusion.plots import plot_mse
+        from itdiffusion.reporting.plots import plot_mse
 
         plot_mse(results, path)
 
@@ -461,8 +461,8 @@ def test_atomic_write_failure_mid_write_keeps_the_old_file(tmp_path):
 
 # Direct writes that are allowed, keyed by (file, enclosing function, call): why each is safe.
 WRITE_ALLOWED = {
-    ("_io.py", "write_atomic", "os.fdopen"): "the temporary file of write_atomic itself",
-    ("_io.py", "save_npz_atomic", "np.savez"): "writes into write_atomic's temporary file handle",
+    ("fileio.py", "write_atomic", "os.fdopen"): "the temporary file of write_atomic itself",
+    ("fileio.py", "save_npz_atomic", "np.savez"): "writes into write_atomic's temporary file handle",
     ("plots.py", "save_figure", "fig.savefig"): "renders into an in-memory buffer, then write_atomic",
 }
 # Calls that write a file when given a path (checked unless allow-listed above).

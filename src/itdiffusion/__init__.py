@@ -5,14 +5,14 @@ adapters (``itdiffusion.denoisers``), data, training, plots and the CLI are sepa
 modules imported on demand.
 """
 
-from .analytic import FiniteDiscrete, GaussianMixture
-from .compare import compare
+from .core.analytic import FiniteDiscrete, GaussianMixture
+from .baselines.compare import compare
 from .evaluation import evaluate
-from .grid import DiscreteGrid, right_tail_bound
-from .integration import logistic_points, logistic_weights
+from .core.grid import DiscreteGrid, right_tail_bound
+from .core.proposal import logistic_points, logistic_weights
 from .model import ITDiffusion
 from .results import Estimate, Results, ensemble
-from .spectrum import GaussianSpectrum
+from .core.spectrum import GaussianSpectrum
 
 __version__ = "0.1.0"
 

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _io
-from .data import load_dataset
+from . import fileio as _io
+from .data.toy import load_dataset
 from .evaluation import evaluate
-from .grid import DiscreteGrid
+from .core.grid import DiscreteGrid
 from .model import ITDiffusion
-from .nets import GaussianResidual
-from .rng import CallLayout, draw_example_noise
-from .spectrum import GaussianSpectrum
-from .train import TrainConfig, train
+from .denoisers.nets import GaussianResidual
+from .core.noise import CallLayout, draw_example_noise
+from .core.spectrum import GaussianSpectrum
+from .training.train import TrainConfig, train
 
 DEFAULT_DATASET = "moons"
 
@@ -56,7 +56,7 @@ DENSITY_SNAPSHOTS = 4
 
 def build_model(name: str, shape: tuple[int, ...], spectrum: GaussianSpectrum) -> tuple[ITDiffusion, dict]:
     """The demo's network for data of ``shape``, wrapped; returns the model and its description."""
-    from .nets import MLPDenoiser, SmallUNet
+    from .denoisers.nets import MLPDenoiser, SmallUNet
 
     if len(shape) == 1:
         config = {"kind": "mlp", "d": shape[0], "hidden": 128, "depth": 3}
@@ -208,7 +208,7 @@ def _table(m: dict) -> str:
 
 
 def _plots(ds, results, snapshots, extent, out: Path, side: int) -> None:
-    from . import plots
+    from .reporting import plots
 
     title = f"{ds.name}: model error vs Gaussian mmse"
     plots.plot_mse(results, out / "mse.png", title=title, rounded=ds.grid is not None)

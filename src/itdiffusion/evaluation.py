@@ -12,11 +12,11 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from . import _io
-from .grid import DiscreteGrid
+from . import fileio as _io
+from .core.grid import DiscreteGrid
 from .model import Errors, ITDiffusion, check_batch_size, default_antithetic
 from .results import Results, Term
-from .rng import CallLayout, draw_example_noise
+from .core.noise import CallLayout, draw_example_noise
 
 _NOISE_BUDGET = 2**24  # noise elements drawn per group of examples
 PROGRESS_FORMAT = "itdiffusion.eval-progress"

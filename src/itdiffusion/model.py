@@ -9,12 +9,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from . import estimators
-from .channel import add_noise, x_from_eps
-from .grid import DiscreteGrid
-from .integration import logistic_points, logistic_quantile
-from .rng import CallLayout, draw_example_noise, seed_from
-from .spectrum import GaussianSpectrum
+from .core import estimators
+from .core.channel import add_noise, x_from_eps
+from .core.grid import DiscreteGrid
+from .core.proposal import logistic_points, logistic_quantile
+from .core.noise import CallLayout, draw_example_noise, seed_from
+from .core.spectrum import GaussianSpectrum
 
 DEFAULT_CLIP = 10.0  # half-width of the log-SNR range, in logistic scales (evaluation)
 DEFAULT_TRAIN_CLIP = 10.0  # same, for the stochastic training objective
@@ -387,7 +387,7 @@ class ITDiffusion(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-SNR points and weights: ``(m,)`` for ``"grid"``, else ``(B, m)`` from ``fractions``.
 
-        ``fractions`` ``(B, m)`` are the examples' own uniform draws (see :mod:`itdiffusion.rng`).
+        ``fractions`` ``(B, m)`` are the examples' own uniform draws (see :mod:`itdiffusion.core.noise`).
         """
         if mode == "grid":
             return logistic_points(n_strata, self.loc, self.scale, clip, mode="grid", device=device)
@@ -451,7 +451,7 @@ class ITDiffusion(nn.Module):
             mode: ``"stratified"`` (default), ``"iid"`` or ``"grid"`` placement of points.
             clip: integration half-width in scales (default: ``self.clip``).
             antithetic: spend the calls in groups of four antithetic noise draws at
-                ``ceil(n_points / 4)`` points (see :class:`itdiffusion.rng.CallLayout`).
+                ``ceil(n_points / 4)`` points (see :class:`itdiffusion.core.noise.CallLayout`).
                 Default: on for continuous data, off for discrete data (see
                 :func:`default_antithetic`).
             batch_size: (example, point) pairs per network call (default: all at once

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _io
+from . import fileio as _io
 
 FORMAT = "itdiffusion.results"
 VERSION = 1

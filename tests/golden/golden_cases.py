@@ -47,7 +47,7 @@ def nll_discrete():
 
 
 def _image_model():
-    from itdiffusion.nets import SmallUNet
+    from itdiffusion.denoisers.nets import SmallUNet
 
     net = SmallUNet(1, base=8, channel_mult=(1, 2), num_res_blocks=1).double()
     init = torch.Generator().manual_seed(0)
@@ -119,7 +119,7 @@ CASES = {
 
 
 def training_run():
-    from itdiffusion.train import TrainConfig, train
+    from itdiffusion.training.train import TrainConfig, train
 
     model, x, grid = _image_model()
     x_train = torch.cat([x, -x, x.flip(-1)])

@@ -42,8 +42,8 @@ def add_device_arg(p) -> None:
 
 
 def start_world(args):
-    """This process's :class:`~itdiffusion.distributed.World` and device; joins the process group."""
-    from ..distributed import device_for, init, world_from_env
+    """This process's :class:`~itdiffusion.training.distributed.World` and device; joins the process group."""
+    from ..training.distributed import device_for, init, world_from_env
 
     world = world_from_env()
     device = device_for(world, args.device)
@@ -52,7 +52,7 @@ def start_world(args):
 
 
 def load_spectrum(path: str):
-    from ..spectrum import GaussianSpectrum
+    from ..core.spectrum import GaussianSpectrum
 
     return GaussianSpectrum.load(Path(path))
 
@@ -74,7 +74,7 @@ def say(world, *args) -> None:
 
 def check_registry_model(args, data, *, need_weights: bool) -> None:
     """Cheap checks of a registry ``--model`` before its network is built."""
-    from ..models import registry_shape
+    from ..resolve import registry_shape
 
     shape = registry_shape(args.model)
     if shape is None:

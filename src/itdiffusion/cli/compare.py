@@ -63,7 +63,7 @@ def add_parser(subparsers) -> None:
 
 
 def parse_methods(text: str) -> list[str]:
-    from ..compare import METHODS
+    from ..baselines.compare import METHODS
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -77,13 +77,13 @@ def parse_methods(text: str) -> list[str]:
 def load_data(source: str):
     """Examples from a ``.npy`` file as a tensor ``(N, *shape)``.
 
-    Read by :func:`itdiffusion._io.load_npy`: no pickles, and a header that declares more
+    Read by :func:`itdiffusion.fileio.load_npy`: no pickles, and a header that declares more
     data than the file holds is refused before anything is allocated.
     """
     import numpy as np
     import torch
 
-    from .. import _io
+    from .. import fileio as _io
 
     path = Path(source)
     if path.suffix != ".npy":
@@ -100,7 +100,7 @@ def load_data(source: str):
 def _gmm_setup(args):
     import torch
 
-    from ..compare import demo_mixture
+    from ..baselines.compare import demo_mixture
     from ..model import ITDiffusion
 
     if args.weights or args.spectrum:
@@ -120,9 +120,9 @@ def _registry_setup(args):
     import torch
 
     from ..denoisers import build_denoiser, list_models
-    from ..grid import DiscreteGrid
+    from ..core.grid import DiscreteGrid
     from ..model import ITDiffusion
-    from ..spectrum import GaussianSpectrum
+    from ..core.spectrum import GaussianSpectrum
 
     if args.model not in list_models():
         raise UsageError(f"unknown model {args.model!r}; known: {GMM}, {', '.join(list_models())}")
@@ -176,7 +176,7 @@ def _options(args) -> dict:
 def run(args) -> int:
     import torch
 
-    from ..compare import compare
+    from ..baselines.compare import compare
 
     methods = parse_methods(args.methods)
     if args.out and Path(args.out).suffix == ".md":

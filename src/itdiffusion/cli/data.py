@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 
 
 def run_cifar10(args) -> int:
-    from ..images import export_cifar10
+    from ..data.images import export_cifar10
 
     counts = export_cifar10(args.source, args.out)
     print(f"wrote {counts['train']} training and {counts['test']} test images to {args.out}/train and {args.out}/test")
@@ -43,7 +43,7 @@ def run_cifar10(args) -> int:
 
 
 def run_info(args) -> int:
-    from ..images import describe, load_data
+    from ..data.images import describe, load_data
 
     data = load_data(args.data, args.split)
     print(describe(data))

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import list_datasets
+    from ..data.toy import list_datasets
     from ..demo import DEFAULT_DATASET, run_demo
 
     name = args.dataset or DEFAULT_DATASET

@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-per-sample-curves", dest="per_sample_curves", action="store_false",
                    help="do not keep per-image curves (smaller files; ensembles then have no standard errors)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="run the network under "
-                   "autocast to this type (errors and integrals stay float64); see itdiffusion.performance")
+                   "autocast to this type (errors and integrals stay float64); see itdiffusion.denoisers.device")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the network (GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (slow first calls)")
     p.add_argument("--label", help="name of the model in tables and figures")
@@ -81,7 +81,7 @@ def _check_args(args, out: Path) -> None:
 
 
 def run(args) -> int:
-    from ..distributed import shutdown
+    from ..training.distributed import shutdown
     from ._common import start_world
 
     out = Path(args.out)
@@ -97,12 +97,12 @@ def run(args) -> int:
 
 def _setup(args, world, device):
     """Data, model and evaluator for this process's shard (everything validated before any output)."""
-    from ..distributed import shard
+    from ..training.distributed import shard
     from ..evaluation import EvalConfig, Evaluator, _NOISE_BUDGET
-    from ..images import load_data
+    from ..data.images import load_data
     from ..model import ITDiffusion
-    from ..models import resolve_model, state_fingerprint
-    from ..performance import DeviceOptions, optimize_denoiser
+    from ..resolve import resolve_model, state_fingerprint
+    from ..denoisers.device import DeviceOptions, optimize_denoiser
     from ._common import check_registry_model, check_shapes, load_spectrum
 
     spectrum = load_spectrum(args.spectrum)
@@ -131,8 +131,8 @@ def _setup(args, world, device):
 def _evaluate(args, out: Path, world, device) -> int:
     from tqdm.auto import tqdm
 
-    from ..distributed import barrier, gather_rows
-    from .. import _io
+    from ..training.distributed import barrier, gather_rows
+    from .. import fileio as _io
     from ..evaluation import Evaluator
     from ._common import say
 

@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
 
 
 def _check_out(out: Path, resume: bool) -> None:
-    from ..train import CHECKPOINT
+    from ..training.train import CHECKPOINT
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a run directory")
@@ -67,11 +67,11 @@ def _check_out(out: Path, resume: bool) -> None:
 def run(args) -> int:
     import torch
 
-    from .. import _io
-    from ..images import describe, load_data
+    from .. import fileio as _io
+    from ..data.images import describe, load_data
     from ..model import ITDiffusion
-    from ..models import resolve_model
-    from ..train import TrainConfig, train
+    from ..resolve import resolve_model
+    from ..training.train import TrainConfig, train
     from ._common import check_registry_model, check_shapes, load_spectrum, say, start_world
 
     out = Path(args.out)
@@ -93,7 +93,7 @@ def run(args) -> int:
         metric = "discrete" if test is not None and test.grid is not None else "continuous"
     world, device = start_world(args)
     if world.is_main:  # temporary files of a run killed while writing (this command owns --out)
-        from ..train import CHECKPOINT, HISTORY
+        from ..training.train import CHECKPOINT, HISTORY
 
         for name in (CHECKPOINT, HISTORY, RUN_INFO):
             _io.remove_stale_temps(out / name)
@@ -130,7 +130,7 @@ def run(args) -> int:
         if world.is_main and history.records:  # also when a resumed run had nothing left to do
             _io.save_json_atomic(out / RUN_INFO, {**info, "epochs_done": history.records[-1].epoch})
     finally:
-        from ..distributed import shutdown
+        from ..training.distributed import shutdown
 
         shutdown(world)
     say(world, f"wrote {out}/checkpoint.safetensors, history.json, {RUN_INFO}")

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..report import RunHistory, write_report
+    from ..reporting.report import RunHistory, write_report
     from ..results import Results
 
     if not args.results and not args.runs:

@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..images import describe, load_data
-    from ..spectrum import GaussianSpectrum
+    from ..data.images import describe, load_data
+    from ..core.spectrum import GaussianSpectrum
 
     out = Path(args.out)
     if out.is_dir():

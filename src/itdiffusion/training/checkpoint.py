@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import _io
+from .. import fileio as _io
 
 FORMAT = "itdiffusion.checkpoint"
 VERSION = 1

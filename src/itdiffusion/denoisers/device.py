@@ -5,7 +5,7 @@ cheaper on accelerators without touching the error arithmetic.  They apply to th
 *denoiser*, not to :class:`~itdiffusion.ITDiffusion`: wrap the network, then build the
 model around the wrapper::
 
-    from itdiffusion.performance import DeviceOptions, optimize_denoiser
+    from itdiffusion.denoisers.device import DeviceOptions, optimize_denoiser
 
     net = build_denoiser("ddpm-cifar10", weights).to("cuda")
     net = optimize_denoiser(net, DeviceOptions(dtype="bf16", channels_last=True))

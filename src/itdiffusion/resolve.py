@@ -4,8 +4,8 @@
 
 * a name of :func:`itdiffusion.denoisers.list_models` (the pretrained CIFAR-10 networks;
   their weights from ``--weights``: a file, a diffusers folder or a Hub repo id);
-* ``small-unet``: a freshly initialised :class:`itdiffusion.nets.SmallUNet` sized to the
-  data, correcting the data's Gaussian-optimal denoiser (:class:`itdiffusion.nets.GaussianResidual`);
+* ``small-unet``: a freshly initialised :class:`itdiffusion.denoisers.nets.SmallUNet` sized to the
+  data, correcting the data's Gaussian-optimal denoiser (:class:`itdiffusion.denoisers.nets.GaussianResidual`);
 * a weights file of a registry network (``.safetensors``, or a tensors-only ``.pt``):
   the architecture is recognised from its tensor names and shapes;
 * a diffusers model folder (``config.json`` + safetensors weights);
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .grid import DiscreteGrid
-from .spectrum import GaussianSpectrum
+from .core.grid import DiscreteGrid
+from .core.spectrum import GaussianSpectrum
 
 FORMAT = "itdiffusion.model"
 VERSION = 1
@@ -103,7 +103,7 @@ def describe_registry(name: str) -> dict:
 
 
 def small_unet_config(shape: tuple[int, ...]) -> dict:
-    """:class:`~itdiffusion.nets.SmallUNet` arguments for images of ``shape`` ``(C, H, W)``.
+    """:class:`~itdiffusion.denoisers.nets.SmallUNet` arguments for images of ``shape`` ``(C, H, W)``.
 
     Down-samples while both sides stay even and at least 8 (at most three times); width 32
     for images up to 1,024 dimensions, else 64.
@@ -143,7 +143,7 @@ def build_architecture(description: dict, spectrum: GaussianSpectrum | None = No
             warnings.filterwarnings("ignore", message=".*randomly initialised")
             return build_denoiser(description["name"])
     if kind == SMALL_UNET:
-        from .nets import GaussianResidual, SmallUNet
+        from .denoisers.nets import GaussianResidual, SmallUNet
 
         shape = tuple(int(s) for s in description["shape"])
         config = dict(description["config"])
@@ -285,7 +285,7 @@ def _registry_shapes(name: str) -> dict[str, tuple[int, ...]]:
 
 def load_run(path) -> LoadedModel:
     """The model of a run directory's ``checkpoint.safetensors`` (or of that file itself)."""
-    from .checkpoint import load_checkpoint
+    from .training.checkpoint import load_checkpoint
     from .denoisers import load_into
 
     path = Path(path)

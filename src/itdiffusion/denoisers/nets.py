@@ -355,7 +355,7 @@ class GaussianResidual(nn.Module):
     Args:
         net: a denoiser ``f(z (B, *shape), logsnr (B,)) -> (B, *shape)``, usually built
             with ``skip=False``.
-        spectrum: a :class:`itdiffusion.spectrum.GaussianSpectrum` of the data.
+        spectrum: a :class:`itdiffusion.core.spectrum.GaussianSpectrum` of the data.
     """
 
     def __init__(self, net: nn.Module, spectrum):
@@ -370,7 +370,7 @@ class GaussianResidual(nn.Module):
     @property
     def spectrum(self):
         """The Gaussian reference, on this module's device."""
-        from .spectrum import GaussianSpectrum
+        from ..core.spectrum import GaussianSpectrum
 
         eigvecs = None if self.eigvecs.numel() == 0 else self.eigvecs
         return GaussianSpectrum(self.mean, eigvecs, self.log_eigs, self.shape)

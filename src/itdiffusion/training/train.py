@@ -6,7 +6,7 @@ loss's log-SNR and noise draws, dropout) comes from a seed derived from
 exactly what the uninterrupted run would have done.  The caller's global RNG is left
 untouched (dropout runs inside ``torch.random.fork_rng``).
 
-Data parallel (``world`` with several processes, see :mod:`itdiffusion.distributed`):
+Data parallel (``world`` with several processes, see :mod:`itdiffusion.training.distributed`):
 every process draws the same epoch permutation and takes every ``size``-th example of
 each batch; every process draws the log-SNR strata and noise of the whole batch from
 the same stream and keeps its rows, so each example is trained with the noise it would
@@ -28,12 +28,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import _io
+from .. import fileio as _io
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .distributed import World, all_sum, barrier
-from .grid import DiscreteGrid
-from .model import ITDiffusion
-from .rng import example_seed
+from ..core.grid import DiscreteGrid
+from ..model import ITDiffusion
+from ..core.noise import example_seed
 
 CHECKPOINT = "checkpoint.safetensors"
 HISTORY = "history.json"

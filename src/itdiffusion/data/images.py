@@ -5,7 +5,7 @@ Every reader returns an :class:`ImageData`: ``x`` of shape ``(n, C, H, W)``, flo
 Grey-scale images stay one channel.  :func:`load_data` turns the ``--data`` argument of
 every command into one:
 
-* ``digits``: the built-in set (:mod:`itdiffusion.data`), its ``train`` or ``test`` split;
+* ``digits``: the built-in set (:mod:`itdiffusion.data.toy`), its ``train`` or ``test`` split;
 * a folder of images, searched recursively (``.png``, ``.jpg``, ``.jpeg``); a folder with
   ``train/`` and ``test/`` sub-folders (as ``itd data cifar10`` writes) gives the split's
   sub-folder.  When every file name has a prefix before ``_`` (``cat_00042.png``), that
@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .grid import DiscreteGrid
+from ..core.grid import DiscreteGrid
 
 GRID_8BIT = DiscreteGrid(-1.0, 1.0, 256)
 """8-bit images scaled to [-1, 1]: ``x = -1 + 2 k / 255``."""
@@ -172,7 +172,7 @@ def describe(data: ImageData) -> str:
 
 
 def _builtin(name: str, split: str) -> ImageData:
-    from .data import load_dataset
+    from .toy import load_dataset
 
     ds = load_dataset(name)
     x = ds.train if split == "train" else ds.test
@@ -268,7 +268,7 @@ def read_npy(path) -> ImageData:
     already lie in ``[-1, 1]``: on the 8-bit grid, on the 17-level ``digits`` grid, or
     else they are treated as continuous data (no grid).
     """
-    from . import _io
+    from .. import fileio as _io
 
     path = Path(path)
     array = _as_nchw(_io.load_npy(path), path)
@@ -305,7 +305,7 @@ def _as_nchw(array: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _infer_grid(x: torch.Tensor) -> DiscreteGrid | None:
-    from .data import DIGITS_GRID
+    from .toy import DIGITS_GRID
 
     for grid in (GRID_8BIT, DiscreteGrid(*DIGITS_GRID)):
         k = grid.index(x.double())

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _io
+from .. import fileio as _io
 from .channel import alpha_sigma
-from .integration import default_loc_scale
+from .proposal import default_loc_scale
 
 FORMAT = "itdiffusion.spectrum"
 VERSION = 1

@@ -85,9 +85,9 @@ class DiscreteGrid:
         uniform prior on the levels: ``E[k] = sum_k k p_k``,
         ``p_k ~ exp(-(x_hat - v_k)^2 / (2 noise_var))``.  Computed without the
         ``(levels, *x_hat.shape)`` weights: a window of levels at high SNR, a closed form at
-        low SNR (see :mod:`itdiffusion.softround`); equal to the full sum to float64
+        low SNR (see :mod:`itdiffusion.core.softround`); equal to the full sum to float64
         tolerance, with temporaries of about ``max_elements`` elements in all (default:
-        :func:`itdiffusion.softround.default_max_elements` of the device).
+        :func:`itdiffusion.core.softround.default_max_elements` of the device).
 
         Args:
             x_hat: ``(B, *shape)`` estimates in data units.

@@ -15,7 +15,7 @@ variance-preserving channel of this package (``z = alpha x + sigma eps``,
 
 All results are per example, in nats (float64), with the number of network calls spent.
 Randomness comes only from explicit seeds or generators, one stream per example (see
-:mod:`itdiffusion.rng`), so results do not depend on the batch size.
+:mod:`itdiffusion.core.noise`), so results do not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .channel import add_noise, alpha_sigma, x_from_eps
-from .grid import DiscreteGrid
-from .integration import logistic_quantile
-from .model import default_antithetic
-from .rng import CallLayout, draw_example_noise, example_seed, seed_from
+from ..core.channel import add_noise, alpha_sigma, x_from_eps
+from ..core.grid import DiscreteGrid
+from ..core.proposal import logistic_quantile
+from ..model import default_antithetic
+from ..core.noise import CallLayout, draw_example_noise, example_seed, seed_from
 
 LN2 = math.log(2.0)
 DEFAULT_STEPS = 1000  # discrete-time steps when the denoiser has no schedule of its own
@@ -122,7 +122,7 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def example_generators(seed: int, indices: Sequence[int], salt: int = 0) -> list[torch.Generator]:
-    """One CPU generator per example, seeded from ``(seed + salt, index)`` (see :mod:`itdiffusion.rng`).
+    """One CPU generator per example, seeded from ``(seed + salt, index)`` (see :mod:`itdiffusion.core.noise`).
 
     Draws are made on the CPU and moved to the data's device, so results do not depend
     on the device either.

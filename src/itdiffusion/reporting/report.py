@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _io
-from .results import Estimate, Results, ensemble
+from .. import fileio as _io
+from ..results import Estimate, Results, ensemble
 
 COLUMNS = (("continuous", "Continuous"), ("discrete", "Discrete"), ("dequantized_discrete", "Dequantized"))
 FIGURE_FORMATS = ("png", "pdf")
@@ -66,7 +66,7 @@ def _read_json(path: Path):
 
 
 def _d_from_checkpoint(folder: Path) -> int:
-    from .checkpoint import load_checkpoint
+    from ..training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(folder / "checkpoint.safetensors")
     return int(ckpt.model_state["spectrum_mean"].numel())

@@ -9,8 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _io
-from .results import Results
+from .. import fileio as _io
+from ..results import Results
 
 
 def _plt():

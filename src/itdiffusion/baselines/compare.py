@@ -28,9 +28,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import _io, baselines
-from .grid import DiscreteGrid
-from .rng import seed_from
+from .. import fileio as _io
+from . import methods as baselines
+from ..core.grid import DiscreteGrid
+from ..core.noise import seed_from
 
 METHODS = ("it", "vlb", "vlb-ct", "ode")
 LABELS = {
@@ -369,7 +370,7 @@ def demo_mixture(d: int, k: int = 5, seed: int = 0):
     all drawn from ``seed``.  Returns ``(mixture, spectrum)`` with the mixture's exact mean
     and covariance as the Gaussian reference.
     """
-    from .analytic import GaussianMixture
+    from ..core.analytic import GaussianMixture
 
     gen = torch.Generator().manual_seed(int(seed))
     means = torch.randn(k, d, generator=gen, dtype=torch.float64) * 6.0 / math.sqrt(d)
@@ -381,7 +382,7 @@ def demo_mixture(d: int, k: int = 5, seed: int = 0):
 
 def mixture_spectrum(mixture):
     """The exact mean and covariance of an isotropic :class:`GaussianMixture` as a :class:`GaussianSpectrum`."""
-    from .spectrum import GaussianSpectrum
+    from ..core.spectrum import GaussianSpectrum
 
     w = mixture.log_weights.exp()
     means, variances = mixture.means, mixture.log_vars.exp()

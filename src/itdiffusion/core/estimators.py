@@ -17,7 +17,7 @@ of the model (``err``) and of the Gaussian-optimal denoiser on the *same* noise
   ``err_g`` stays near ``d``): ``offset = 1/2 G(x, a_s) + R(a_hi)``,
   ``integrand = err - [a < a_s] err_g``, with ``G`` the closed-form integral of the
   Gaussian denoiser's expected error from ``-inf`` (which also covers the left tail) and
-  ``R`` the right-tail bound of :func:`itdiffusion.grid.right_tail_bound`.
+  ``R`` the right-tail bound of :func:`itdiffusion.core.grid.right_tail_bound`.
 
 ``gauss`` is the integrand the Gaussian denoiser itself would have (zero for the
 continuous form); taking ``min(integrand, gauss)`` per point on averaged curves gives the

@@ -1,0 +1,1 @@
+"""Training with the information-theoretic objective: the loop, checkpoints, data-parallel helpers."""
