@@ -21,8 +21,8 @@ import time
 import torch
 
 import itdiffusion as itd
-from itdiffusion.core.proposal import logistic_quantile
-from itdiffusion.core.noise import CallLayout, draw_example_noise
+from itdiffusion.core.noise import draw_example_noise
+from itdiffusion.core.proposal import LogisticProposal
 
 
 def mixture(d: int, seed: int) -> itd.GaussianMixture:
@@ -41,8 +41,8 @@ def published_nll(model: itd.ITDiffusion, x: torch.Tensor, n_calls: int, seed: i
     loc = -log_eigs.mean().item()
     scale = math.sqrt(1 + 3 / math.pi * log_eigs.var(unbiased=False).item())  # the published "3/pi"
     noise = draw_example_noise(seed, range(len(x)), n_calls, model.shape, dtype=x.dtype)
-    logsnr, inv_density = logistic_quantile(noise.fractions, loc, scale, 4.0)
-    errs = model.stratum_errors(x, logsnr, noise.eps, CallLayout(n_calls, antithetic=False))
+    logsnr, inv_density = LogisticProposal(loc, scale, 4.0).quantile(noise.fractions)
+    errs = model.point_errors(x, logsnr, noise.eps)
     return spec.entropy() + 0.5 * (inv_density / n_calls * (errs.raw - spec.mmse(logsnr))).sum(-1)
 
 

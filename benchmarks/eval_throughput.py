@@ -42,7 +42,8 @@ CLIP = 4.0  # the paper's evaluation range
 def compare(name: str, net, x, spectrum, grid, n_points: int, batch: int, repeats: int) -> dict:
     counter = Counting(net)
     model = itd.ITDiffusion(counter, spectrum, clip=CLIP)
-    logsnr, weights = model.points(n_points, mode="grid", clip=CLIP)
+    quad = model.estimator(n_points, placement="midpoint", clip=CLIP, antithetic=False).shared_quadrature()
+    logsnr, weights = quad.logsnr, quad.weights
 
     def package():
         return itd.evaluate(model, [x], n_points, discrete=grid, soft=True, dequantize=True,

@@ -55,7 +55,7 @@ def measure(name, options, args, device, spectrum, grid, x) -> dict:
     net, _, _ = ddpm_setup(seed=0)
     net = optimize_denoiser(net.to(device), options)
     model = itd.ITDiffusion(net, spectrum).to(device)
-    config = EvalConfig(n_points=args.points, discrete=grid, soft=True, dequantize=True, mode="grid", clip=4.0)
+    config = EvalConfig(n_points=args.points, discrete=grid, soft=True, dequantize=True, placement="midpoint", clip=4.0)
     row = {"variant": name}
     # Network alone: batches of args.batch noisy images at mixed log-SNR.
     z = torch.randn(args.batch, 3, 32, 32, device=device)

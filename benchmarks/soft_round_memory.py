@@ -65,7 +65,7 @@ def child(variant: str, batch: int, threads: int) -> None:
 
     set_threads(threads)
     grid = itd.DiscreteGrid(-1.0, 1.0, LEVELS)
-    logsnr, _ = logistic_points(batch, LOC, SCALE, CLIP, mode="grid")
+    logsnr, _ = logistic_points(batch, LOC, SCALE, CLIP, placement="midpoint")
     x = synthetic_images(batch, grid, seed=1).reshape(batch, D).double()
     gen = torch.Generator().manual_seed(2)
     x_hat = x + torch.randn(x.shape, generator=gen, dtype=torch.float64) * torch.exp(-0.5 * logsnr).unsqueeze(1)

@@ -32,7 +32,7 @@ from _bench import (  # noqa: E402
     timed, write_json,
 )
 from itdiffusion.core.channel import add_noise  # noqa: E402
-from itdiffusion.core.proposal import logistic_quantile  # noqa: E402
+from itdiffusion.core.proposal import LogisticProposal  # noqa: E402
 
 
 def compare(name: str, net, spectrum, x: torch.Tensor, steps: int) -> dict:
@@ -53,7 +53,7 @@ def compare(name: str, net, spectrum, x: torch.Tensor, steps: int) -> dict:
             lo, hi = model.logsnr_range(model.train_clip)
             logsnr = lo + (hi - lo) * u
         else:
-            logsnr, _ = logistic_quantile(u, model.loc, model.scale, model.train_clip)
+            logsnr, _ = LogisticProposal(model.loc, model.scale, model.train_clip).quantile(u)
         eps = torch.randn(x.shape, generator=gen, dtype=x.dtype)
         eps_hat = model(add_noise(x, logsnr, eps), logsnr)
         loss = ((eps - eps_hat) ** 2).mean()

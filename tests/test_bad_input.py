@@ -488,7 +488,8 @@ def _py_cases():
         ("evaluate-zero-batch", lambda f: itd.evaluate(model(f), [digits()], n_points=8, batch_size=0), "batch_size"),
         ("evaluate-dequantize-without-grid", lambda f: itd.evaluate(model(f), [digits()], n_points=8, dequantize=True),
          "dequantize"),
-        ("evaluate-unknown-mode", lambda f: itd.evaluate(model(f), [digits()], n_points=8, mode="sobol"), "mode"),
+        ("evaluate-unknown-placement", lambda f: itd.evaluate(model(f), [digits()], n_points=8, placement="sobol"),
+         "placement"),
         ("evaluator-truncated-progress", lambda f: Evaluator(model(f), EvalConfig(n_points=4, discrete=grid))
          .load_progress(f["progress"] / "cut.partial.npz"), "truncated or corrupt"),
         ("evaluator-other-settings", lambda f: Evaluator(model(f), EvalConfig(n_points=8, discrete=grid))

@@ -55,7 +55,7 @@ def test_denoiser_nan_names_the_logsnr(model):
 
     broken = itd.ITDiffusion(nan_above_two, model.spectrum)
     with pytest.raises(ValueError, match=r"NaN or Inf at log-SNR \[1\.\d"):
-        broken.nll(x3(), 16, seed=0, mode="grid", antithetic=False)
+        broken.nll(x3(), 16, seed=0, placement="midpoint", antithetic=False)
 
 
 def test_data_off_the_grid(model):
@@ -76,8 +76,8 @@ def test_full_covariance_with_too_few_samples():
 def test_other_bad_arguments(model):
     with pytest.raises(ValueError, match="rounding"):
         model.nll(x3(), 8, seed=0, rounding="round")
-    with pytest.raises(ValueError, match="mode"):
-        model.nll(x3(), 8, seed=0, mode="sobol")
+    with pytest.raises(ValueError, match="placement"):
+        model.nll(x3(), 8, seed=0, placement="sobol")
     with pytest.raises(ValueError, match="dequantize"):
         itd.evaluate(model, [x3()], n_points=8, dequantize=True)
     with pytest.raises(ValueError, match="no examples"):

@@ -6,12 +6,12 @@ import torch
 from itdiffusion.core.proposal import default_loc_scale, logistic_points, logistic_weights
 
 
-@pytest.mark.parametrize("mode", ["iid", "stratified", "grid"])
+@pytest.mark.parametrize("mode", ["iid", "stratified", "midpoint"])
 def test_weights_integrate_known_functions(mode):
     gen = torch.Generator().manual_seed(0)
     loc, scale, clip = 1.5, 2.0, 6.0
     n = 4000
-    a, w = logistic_points(n, loc, scale, clip, mode=mode, generator=gen)
+    a, w = logistic_points(n, loc, scale, clip, placement=mode, generator=gen)
     lo, hi = loc - clip * scale, loc + clip * scale
     # constant: the length of the interval
     tol = 0.05 if mode == "iid" else 1e-3
@@ -26,7 +26,7 @@ def test_weights_integrate_known_functions(mode):
 
 def test_points_lie_in_range_and_are_sorted():
     gen = torch.Generator().manual_seed(1)
-    a, w = logistic_points(100, 0.0, 1.0, 4.0, mode="stratified", batch_shape=(3,), generator=gen)
+    a, w = logistic_points(100, 0.0, 1.0, 4.0, placement="stratified", batch_shape=(3,), generator=gen)
     assert a.shape == w.shape == (3, 100)
     assert (a >= -4.0).all() and (a <= 4.0).all() and (w > 0).all()
     assert (a.diff(dim=-1) > 0).all()
@@ -34,16 +34,16 @@ def test_points_lie_in_range_and_are_sorted():
 
 def test_randomness_only_from_generator():
     torch.manual_seed(0)
-    a1, _ = logistic_points(10, 0.0, 1.0, mode="iid", generator=torch.Generator().manual_seed(5))
+    a1, _ = logistic_points(10, 0.0, 1.0, placement="iid", generator=torch.Generator().manual_seed(5))
     torch.manual_seed(99)
-    a2, _ = logistic_points(10, 0.0, 1.0, mode="iid", generator=torch.Generator().manual_seed(5))
+    a2, _ = logistic_points(10, 0.0, 1.0, placement="iid", generator=torch.Generator().manual_seed(5))
     assert torch.equal(a1, a2)
     with pytest.raises(ValueError, match="Generator"):
-        logistic_points(10, 0.0, 1.0, mode="stratified")
+        logistic_points(10, 0.0, 1.0, placement="stratified")
 
 
 def test_grid_is_deterministic_midpoint_rule():
-    a, w = logistic_points(4, 0.0, 1.0, 4.0, mode="grid")
+    a, w = logistic_points(4, 0.0, 1.0, 4.0, placement="midpoint")
     u = torch.sigmoid(torch.tensor(-4.0, dtype=torch.float64)) + (
         torch.tanh(torch.tensor(2.0, dtype=torch.float64))
     ) * (torch.arange(4, dtype=torch.float64) + 0.5) / 4

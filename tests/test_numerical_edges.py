@@ -42,11 +42,11 @@ def logsnr_tensors(min_size=1, max_size=6):
 
 
 @FAST
-@given(loc=LOC, scale=SCALE, clip=CLIP, n=st.integers(1, 8), mode=st.sampled_from(["iid", "stratified", "grid"]),
+@given(loc=LOC, scale=SCALE, clip=CLIP, n=st.integers(1, 8), mode=st.sampled_from(["iid", "stratified", "midpoint"]),
        dtype=DTYPES, seed=st.integers(0, 2**31))
 def test_logistic_points_and_weights_stay_in_range(loc, scale, clip, n, mode, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    logsnr, weights = itd.logistic_points(n, loc, scale, clip, mode=mode, batch_shape=(3,), generator=gen, dtype=dtype)
+    logsnr, weights = itd.logistic_points(n, loc, scale, clip, placement=mode, batch_shape=(3,), generator=gen, dtype=dtype)
     assert logsnr.shape == weights.shape == (3, n) and logsnr.dtype == weights.dtype == dtype
     assert torch.isfinite(logsnr).all() and torch.isfinite(weights).all()
     # Points inside the truncated support (up to the rounding of the dtype).
@@ -361,14 +361,14 @@ def grid_model(levels: int, clip: float, d: int = 4) -> tuple[itd.ITDiffusion, i
 
 @SLOW
 @given(levels=st.sampled_from([2, 3, 16, 256]), clip=st.floats(1.0, 12.0), edge=st.sampled_from([-1.0, 1.0]),
-       dtype=DTYPES, rounding=st.sampled_from(["hard", "soft", "none"]), mode=st.sampled_from(["stratified", "grid"]))
+       dtype=DTYPES, rounding=st.sampled_from(["hard", "soft", "none"]), mode=st.sampled_from(["stratified", "midpoint"]))
 def test_nll_finite_for_data_at_the_grid_edges(levels, clip, edge, dtype, rounding, mode):
     model, grid = grid_model(levels, clip)
     x = torch.full((2, model.d), edge, dtype=dtype)
     x[1, 0] = -edge  # one coordinate at the other end
-    nll = model.nll(x, 12, seed=0, discrete=grid, rounding=rounding, mode=mode)
+    nll = model.nll(x, 12, seed=0, discrete=grid, rounding=rounding, placement=mode)
     assert nll.dtype == torch.float64 and torch.isfinite(nll).all()
-    clamped = model.nll(x, 12, seed=0, discrete=grid, rounding=rounding, clamp=(-1.0, 1.0), mode=mode)
+    clamped = model.nll(x, 12, seed=0, discrete=grid, rounding=rounding, clamp=(-1.0, 1.0), placement=mode)
     assert torch.isfinite(clamped).all()
 
 
@@ -418,13 +418,13 @@ def test_nan_at_one_logsnr_is_named_by_nll(bad, dtype, discrete):
     x[1] = -1.0
     probe = FailsAt(model.spectrum, None)
     model.denoiser = probe
-    reference = model.nll(x, 10, seed=0, discrete=grid, mode="grid", antithetic=False)
+    reference = model.nll(x, 10, seed=0, discrete=grid, placement="midpoint", antithetic=False)
     assert torch.isfinite(reference).all()
     points = sorted(set(probe.seen))
     target = points[len(points) // 2 + 1]  # an interior point, not the first or last
     model.denoiser = FailsAt(model.spectrum, target, bad)
     with pytest.raises(ValueError, match="NaN or Inf") as info:
-        model.nll(x, 10, seed=0, discrete=grid, mode="grid", antithetic=False)
+        model.nll(x, 10, seed=0, discrete=grid, placement="midpoint", antithetic=False)
     message = str(info.value)
     assert _named(message, target), (message, target)
     others = [p for p in points if abs(p - target) > 1e-3]

@@ -9,6 +9,7 @@ from torch import nn
 import itdiffusion as itd
 from itdiffusion.core import softround
 from itdiffusion.core.channel import add_noise, x_from_eps
+from itdiffusion.core.errors import soft_rounding_variance
 from itdiffusion.core.grid import soft_round_index_dense
 from itdiffusion.denoisers.nets import SmallUNet
 from itdiffusion.denoisers.device import DeviceOptions, OptimizedDenoiser, optimize_denoiser
@@ -122,7 +123,7 @@ def test_one_call_gives_raw_and_rounded_errors_equal_to_separate_calls():
     x_hat = x_from_eps(z, eps_hat, logsnr)
     snr = torch.exp(logsnr).reshape(-1, 1, 1, 1)
     hard = (snr * (x - grid.round(x_hat)) ** 2).flatten(1).sum(1)
-    soft_value = grid.value(soft_round_index_dense(grid, x_hat, logsnr, model.soft_rounding_variance(logsnr)))
+    soft_value = grid.value(soft_round_index_dense(grid, x_hat, logsnr, soft_rounding_variance(model.spectrum, logsnr)))
     soft = (snr * (x - soft_value) ** 2).flatten(1).sum(1)
     assert torch.allclose(errs.raw, raw, rtol=1e-12, atol=0)
     assert torch.allclose(errs.hard, hard, rtol=1e-9, atol=1e-9)
@@ -328,7 +329,8 @@ def test_published_loop_reimplementation_estimates_the_same_quantities():
     spec = itd.GaussianSpectrum.isotropic((8,), variance=0.2)
     model = itd.ITDiffusion(spec, spec, clip=6.0)
     x = torch.randn(400, 8, generator=gen) * math.sqrt(0.2)
-    logsnr, weights = model.points(64, mode="grid", clip=6.0)
+    quad = model.estimator(64, placement="midpoint", clip=6.0, antithetic=False).shared_quadrature()
+    logsnr, weights = quad.logsnr, quad.weights
     out = loop.published_evaluation(lambda z, a: spec.denoise(z, a), x, logsnr.float(), weights.float(), grid,
                                     spec, gen)
     err = out["continuous"].double() + spec.log_prob(x)

@@ -19,7 +19,6 @@ from .evaluation import evaluate
 from .core.grid import DiscreteGrid
 from .model import ITDiffusion
 from .denoisers.nets import GaussianResidual
-from .core.noise import CallLayout, draw_example_noise
 from .core.spectrum import GaussianSpectrum
 from .training.train import TrainConfig, train
 
@@ -84,14 +83,10 @@ def _learned_density(model: ITDiffusion, mesh: torch.Tensor, n_points: int) -> n
     contours show the model rather than the estimator's noise.
     """
     model.eval()
-    layout = CallLayout(n_points, antithetic=True)
-    noise = draw_example_noise(0, [0], layout.n_strata, model.shape)
-    logsnr, weights = model.points(layout.n_strata, mode="grid", clip=model.clip)
-    out = []
-    for chunk in mesh.split(1024):
-        eps = noise.eps.expand(len(chunk), *noise.eps.shape[1:])
-        errs = model.stratum_errors(chunk, logsnr, eps, layout)
-        out.append(model.integrand(chunk, errs, logsnr).nll(weights))
+    estimator = model.estimator(n_points, placement="midpoint", antithetic=True)
+    points = estimator.shared_quadrature()
+    out = [estimator.nll(model, model.spectrum, chunk, seed=0, shared=points, same_noise=True)
+           for chunk in mesh.split(1024)]
     side = int(round(math.sqrt(len(mesh))))
     return torch.cat(out).cpu().numpy().reshape(side, side)
 

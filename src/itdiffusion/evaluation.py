@@ -14,11 +14,10 @@ import torch
 
 from . import fileio as _io
 from .core.grid import DiscreteGrid
-from .model import Errors, ITDiffusion, check_batch_size, default_antithetic
+from .core.errors import ErrorOptions, Errors
+from .core.pipeline import Pass
+from .model import ITDiffusion
 from .results import Results, Term
-from .core.noise import CallLayout, draw_example_noise
-
-_NOISE_BUDGET = 2**24  # noise elements drawn per group of examples
 PROGRESS_FORMAT = "itdiffusion.eval-progress"
 PROGRESS_VERSION = 1
 
@@ -32,7 +31,7 @@ class EvalConfig:
     soft: bool = False
     dequantize: bool = False
     clamp: tuple[float, float] | None = None
-    mode: str = "grid"
+    placement: str = "midpoint"
     antithetic: bool | None = None
     seed: int = 0
     clip: float | None = None
@@ -41,8 +40,9 @@ class EvalConfig:
     def validate(self) -> None:
         if int(self.n_points) != self.n_points or self.n_points < 1:
             raise ValueError(f"n_points must be a positive integer, got {self.n_points!r}")
-        if self.mode not in ("grid", "stratified"):
-            raise ValueError(f"evaluation shares its points across examples: mode must be 'grid' or 'stratified', got {self.mode!r}")
+        if self.placement not in ("midpoint", "stratified"):
+            raise ValueError("evaluation shares its points across examples: placement must be 'midpoint' or "
+                             f"'stratified', got {self.placement!r}")
         if self.dequantize and self.discrete is None:
             raise ValueError("dequantize=True needs the data grid (discrete=DiscreteGrid(...))")
         if self.soft and self.discrete is None:
@@ -96,24 +96,17 @@ class Evaluator:
 
     def __init__(self, model: ITDiffusion, config: EvalConfig, *, batch_size: int | None = None, index_offset: int = 0):
         config.validate()
-        check_batch_size(batch_size)
         self.model, self.config, self.batch_size = model, config, batch_size
         self.index_offset = int(index_offset)
         self.clip = model.clip if config.clip is None else float(config.clip)
-        antithetic = default_antithetic(config.discrete) if config.antithetic is None else config.antithetic
-        self.layout = CallLayout(int(config.n_points), antithetic)
-        self.logsnr, self.weights = self._shared_points()
+        self.estimator = model.estimator(
+            config.n_points, discrete=config.discrete, rounding="soft" if config.soft else "hard",
+            placement=config.placement, clip=self.clip, antithetic=config.antithetic, batch_size=batch_size)
+        self.layout = self.estimator.sampling.layout
+        self.quadrature = self.estimator.shared_quadrature(config.seed)
+        self.logsnr, self.weights = self.quadrature.logsnr, self.quadrature.weights
         self.next_index = int(index_offset)
         self.acc = _Accumulator()
-
-    def _shared_points(self) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.layout.n_strata
-        if self.config.mode == "grid":
-            return self.model.points(m, mode="grid", clip=self.clip)
-        gen = torch.Generator().manual_seed(int(self.config.seed))
-        frac = torch.rand(1, m, generator=gen, dtype=torch.float64)
-        logsnr, weights = self.model.points(m, mode="stratified", clip=self.clip, fractions=frac)
-        return logsnr[0], weights[0]
 
     @property
     def n_done(self) -> int:
@@ -136,33 +129,31 @@ class Evaluator:
     def _add_batch(self, x: torch.Tensor) -> None:
         cfg, model = self.config, self.model
         model.check_data(x, cfg.discrete)
-        m = self.layout.n_strata
-        group = max(1, _NOISE_BUDGET // (self.layout.n_calls * model.d))
-        for start in range(0, len(x), group):
-            xb = x[start : start + group]
-            first = self.next_index
-            noise = draw_example_noise(cfg.seed, range(first, first + len(xb)), m, model.shape, dtype=xb.dtype,
-                                       device=xb.device, dequantize=cfg.dequantize)
-            self.next_index += len(xb)
-            self._add_pass("continuous", xb, noise.eps, cfg.clamp if cfg.discrete is None else _range(cfg.discrete))
-            if cfg.dequantize:
-                y = xb + cfg.discrete.delta * noise.dequant
-                self._add_pass("dequantized", y, noise.eps, _range(cfg.discrete, widen=True))
+        measured = self.estimator.measure(model, model.spectrum, x, seed=cfg.seed, first_index=self.next_index,
+                                          shared=self.quadrature, passes=self._passes())
+        self.next_index += len(x)
+        for name, errs in measured.errors.items():
+            self._add_curves(name, errs)
+            inputs = measured.inputs[name]
+            self._add_term("continuous" if name == "data" else name,
+                           self.estimator.integrand(model.spectrum, inputs, errs, measured.quadrature, discrete=False))
+            if name == "data" and cfg.discrete is not None:
+                self._add_term("discrete", self.estimator.integrand(model.spectrum, inputs, errs, measured.quadrature))
 
-    def _add_pass(self, name: str, x: torch.Tensor, eps: torch.Tensor, clamp) -> None:
-        cfg, model = self.config, self.model
-        roundings = ("hard", "soft") if name == "continuous" and cfg.discrete is not None else ()
-        errs = model.stratum_errors(x, self.logsnr, eps, self.layout, batch_size=self.batch_size,
-                                    discrete=cfg.discrete, roundings=roundings, clamp=clamp)
-        self._add_curves(name, errs)
-        self._add_term(name, model.integrand(x, errs, self.logsnr, clip=self.clip))
-        if roundings:
-            rounding = "soft" if cfg.soft else "hard"
-            self._add_term("discrete", model.integrand(x, errs, self.logsnr, discrete=cfg.discrete,
-                                                       rounding=rounding, clip=self.clip))
+    def _passes(self) -> tuple[Pass, ...]:
+        """The data (with both roundings for discrete data) and, if asked, the dequantized data."""
+        cfg, est = self.config, self.estimator
+        if cfg.discrete is None:
+            return (Pass("data", False, ErrorOptions(None, (), cfg.clamp, self.batch_size)),)
+        passes = [Pass("data", False, ErrorOptions(cfg.discrete, ("hard", "soft"), _range(cfg.discrete),
+                                                    self.batch_size))]
+        if cfg.dequantize:
+            passes.append(Pass("dequantized", True, ErrorOptions(None, (), _range(cfg.discrete, widen=True),
+                                                                 self.batch_size)))
+        return tuple(passes)
 
     def _add_curves(self, name: str, errs: Errors) -> None:
-        suffix = "" if name == "continuous" else "_" + name
+        suffix = "" if name == "data" else "_" + name
         self.acc.add(f"curve/mmse{suffix}", errs.raw)
         self.acc.add(f"curve/mmse_gauss{suffix}", errs.gauss)
         for key in ("hard", "soft"):
@@ -170,11 +161,10 @@ class Evaluator:
                 self.acc.add(f"curve/mmse_{key}{suffix}", getattr(errs, key))
 
     def _add_term(self, name: str, terms) -> None:
-        w = self.weights.to(terms.values.device)
         self.acc.add(f"{name}/offset", terms.offset)
         self.acc.add(f"{name}/integrand", terms.values)
         self.acc.add(f"{name}/gauss", terms.gauss)
-        self.acc.add(f"{name}/nll", terms.nll(w))
+        self.acc.add(f"{name}/nll", terms.integrate(self.quadrature))
 
     # ----------------------------------------------------------------- state
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -298,7 +288,7 @@ class Evaluator:
         lo, hi = model.logsnr_range(self.clip)
         return {
             "n_points": self.layout.n_calls, "n_strata": self.layout.n_strata, "antithetic": self.layout.antithetic,
-            "mode": cfg.mode, "seed": cfg.seed, "loc": model.loc, "scale": model.scale, "clip": self.clip,
+            "placement": cfg.placement, "seed": cfg.seed, "loc": model.loc, "scale": model.scale, "clip": self.clip,
             "logsnr_range": [lo, hi], "soft": cfg.soft, "dequantize": cfg.dequantize,
             "clamp": list(cfg.clamp) if cfg.clamp else None,
             "grid": None if grid is None else {"lo": grid.lo, "hi": grid.hi, "levels": grid.levels, "delta": grid.delta},
@@ -331,7 +321,7 @@ def evaluate(
     soft: bool = False,
     dequantize: bool = False,
     clamp: tuple[float, float] | None = None,
-    mode: str = "grid",
+    placement: str = "midpoint",
     antithetic: bool | None = None,
     seed: int = 0,
     clip: float | None = None,
@@ -348,7 +338,7 @@ def evaluate(
     All examples share ``ceil(n_points / 4)`` log-SNR points, each visited by a group of
     four antithetic noise draws (or ``n_points`` points with ``antithetic=False``, the
     default for discrete data: see :func:`itdiffusion.model.default_antithetic`), placed
-    on the quantile grid of the model's proposal (``mode="grid"``) or by one stratified
+    by the midpoint rule of the model's proposal (``placement="midpoint"``) or by one stratified
     draw from ``seed``.
 
     Args:
@@ -376,7 +366,7 @@ def evaluate(
         :class:`Results`.
     """
     config = EvalConfig(n_points=n_points, discrete=discrete, soft=soft, dequantize=dequantize, clamp=clamp,
-                        mode=mode, antithetic=antithetic, seed=seed, clip=clip, per_sample_curves=per_sample_curves)
+                        placement=placement, antithetic=antithetic, seed=seed, clip=clip, per_sample_curves=per_sample_curves)
     evaluator = Evaluator(model, config, batch_size=batch_size, index_offset=index_offset)
     evaluator.run(batches, callback=callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                   checkpoint_meta=checkpoint_meta)

@@ -24,9 +24,9 @@ def nll_continuous():
     x = mix.sample(24, torch.Generator().manual_seed(1))
     model = itd.ITDiffusion(mix, _spectrum_of(mix.sample(400, torch.Generator().manual_seed(2))))
     out = {}
-    for mode in ("stratified", "iid", "grid"):
+    for label, placement in (("stratified", "stratified"), ("iid", "iid"), ("grid", "midpoint")):
         for anti in (True, False):
-            out[f"{mode}_{anti}"] = model.nll(x, 37, seed=5, mode=mode, antithetic=anti)
+            out[f"{label}_{anti}"] = model.nll(x, 37, seed=5, placement=placement, antithetic=anti)
     out["clip4"] = model.nll(x, 20, seed=6, clip=4.0)
     out["batch"] = model.nll(x, 20, seed=6, batch_size=7)
     return out
@@ -78,7 +78,7 @@ def evaluate_continuous():
     mix = _mixture(5, seed=3)
     x = mix.sample(30, torch.Generator().manual_seed(5))
     model = itd.ITDiffusion(mix, _spectrum_of(x))
-    res = itd.evaluate(model, [x], n_points=16, mode="stratified", seed=11)
+    res = itd.evaluate(model, [x], n_points=16, placement="stratified", seed=11)
     return {f"est/{k}": [e.nats, e.se_nats] for k, e in res.estimates().items()} | {"logsnr": res.logsnr}
 
 

@@ -233,7 +233,7 @@ def default_variance(denoiser) -> str:
 # ============================================================================ methods
 def _run_it(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
     n_points = int(opts.get("n_points", 256))
-    kwargs = {k: opts[k] for k in ("clip", "mode", "antithetic", "batch_size", "clamp") if k in opts}
+    kwargs = {k: opts[k] for k in ("clip", "placement", "antithetic", "batch_size", "clamp") if k in opts}
     if grid is not None:
         kwargs["rounding"] = opts.get("rounding", "hard")
     nll = model.nll(x, n_points, seed=seed, discrete=grid, **kwargs)
@@ -324,7 +324,7 @@ def compare(
             ``log_prob`` when it has one).
         options: per-method keyword settings, e.g. ``{"it": {"n_points": 512},
             "vlb": {"variance": "fixed_small", "steps": 4000}, "ode": {"solver": "rk4",
-            "n_steps": 32, "n_probes": 4}}``.  Keys: it: ``n_points, clip, mode, antithetic,
+            "n_steps": 32, "n_probes": 4}}``.  Keys: it: ``n_points, clip, placement, antithetic,
             rounding, clamp, batch_size``; vlb: ``alphas_cumprod, steps, variance
             ("auto"/"fixed_small"/"fixed_large"/"learned"), n_calls, clamp, clip,
             batch_size``; vlb-ct: ``n_points, clip, control_variate, antithetic,

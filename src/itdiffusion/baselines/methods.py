@@ -21,7 +21,7 @@ Randomness comes only from explicit seeds or generators, one stream per example 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from ..core.channel import add_noise, alpha_sigma, x_from_eps
 from ..core.grid import DiscreteGrid
-from ..core.proposal import logistic_quantile
-from ..model import default_antithetic
-from ..core.noise import CallLayout, draw_example_noise, example_seed, seed_from
+from ..core.errors import ErrorOptions
+from ..core.proposal import LogisticProposal
+from ..core.noise import example_seed, seed_from
 
 LN2 = math.log(2.0)
 DEFAULT_STEPS = 1000  # discrete-time steps when the denoiser has no schedule of its own
@@ -483,17 +483,17 @@ def vlb_continuous(
     Returns:
         :class:`BoundTerms` ``(B,)`` float64.
     """
-    clip = model.clip if clip is None else float(clip)
+    estimator = model.estimator(n_points, discrete=grid, rounding="none", clip=clip, antithetic=antithetic,
+                                batch_size=batch_size)
     model.check_data(x, grid)
     seed = seed_from(generator) if seed is None else int(seed)
-    lo, hi = model.logsnr_range(clip)
-    layout = CallLayout(int(n_points), default_antithetic(grid) if antithetic is None else antithetic)
-    noise = draw_example_noise(seed, range(len(x)), layout.n_strata, model.shape, dtype=x.dtype, device=x.device)
-    logsnr, weights = model.points(layout.n_strata, mode="stratified", clip=clip, fractions=noise.fractions,
-                                   device=x.device)
-    errs = model.stratum_errors(x, logsnr, noise.eps, layout, batch_size=batch_size)
+    lo, hi = estimator.proposal.lo, estimator.proposal.hi
+    measured = estimator.measure(model, model.spectrum, x, seed=seed,
+                                 passes=(replace(estimator.data_pass(), options=ErrorOptions(batch_size=batch_size)),))
+    errs, logsnr, weights = measured.errors["data"], measured.quadrature.logsnr, measured.quadrature.weights
+    layout = estimator.sampling.layout
     if control_variate:
-        split = hi if grid is None else model.discrete_split(clip)
+        split = hi if grid is None else estimator.split
         below = (logsnr < split).to(errs.raw.dtype)
         spec = model.spectrum
         known = spec.error_integral(x, split) - spec.error_integral(x, lo)
@@ -553,7 +553,7 @@ class _FlowTime:
     def logsnr(self, s: float) -> tuple[float, float]:
         """``(a(s), |da/ds|)``."""
         frac = torch.tensor([1.0 - s], dtype=torch.float64)
-        a, speed = logistic_quantile(frac, self.loc, self.scale, self.clip)
+        a, speed = LogisticProposal(self.loc, self.scale, self.clip).quantile(frac)
         return a.item(), speed.item()
 
 

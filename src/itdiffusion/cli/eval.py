@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
                    "(a second network call per point)")
     p.add_argument("--clip", type=float, help="integration half-width in logistic scales (default: the package's, "
                    "10; the paper used 4)")
-    p.add_argument("--mode", choices=["grid", "stratified"], default="grid", help="placement of the shared log-SNR "
-                   "points")
+    p.add_argument("--placement", choices=["midpoint", "stratified"], default="midpoint", help="placement of the "
+                   "shared log-SNR points: the midpoint rule of the proposal, or one stratified draw from --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the --limit draw)")
     p.add_argument("--limit", type=positive_int, help="evaluate this many images, drawn at random by --seed")
     p.add_argument("--batch-size", type=positive_int, default=256, help="(image, point) pairs per network call")
@@ -98,7 +98,8 @@ def run(args) -> int:
 def _setup(args, world, device):
     """Data, model and evaluator for this process's shard (everything validated before any output)."""
     from ..training.distributed import shard
-    from ..evaluation import EvalConfig, Evaluator, _NOISE_BUDGET
+    from ..core.noise import NOISE_BUDGET
+    from ..evaluation import EvalConfig, Evaluator
     from ..data.images import load_data
     from ..model import ITDiffusion
     from ..resolve import resolve_model, state_fingerprint
@@ -119,10 +120,10 @@ def _setup(args, world, device):
     denoiser = optimize_denoiser(loaded.denoiser.to(device), options)
     model = ITDiffusion(denoiser, spectrum, **kwargs).to(device).eval()
     config = EvalConfig(n_points=args.points, discrete=data.grid, soft=args.soft_round, dequantize=args.dequantize,
-                        mode=args.mode, seed=args.seed, per_sample_curves=args.per_sample_curves)
+                        placement=args.placement, seed=args.seed, per_sample_curves=args.per_sample_curves)
     part = shard(len(data), world)
     evaluator = Evaluator(model, config, batch_size=args.batch_size, index_offset=part.start)
-    step = args.images_per_step or max(1, _NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
+    step = args.images_per_step or max(1, NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
     identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "processes": world.size,
                 "dtype": args.dtype}
     return data, loaded, evaluator, data.x[part.start : part.stop].split(step), identity

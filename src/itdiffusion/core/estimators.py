@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .grid import DiscreteGrid, right_tail_bound
+from .proposal import Quadrature
 from .spectrum import GaussianSpectrum
 
 
@@ -42,9 +43,9 @@ class Integrand:
     values: torch.Tensor
     gauss: torch.Tensor
 
-    def nll(self, weights: torch.Tensor) -> torch.Tensor:
+    def integrate(self, quad: Quadrature) -> torch.Tensor:
         """Per-example estimate ``offset + 1/2 sum_i w_i values_i`` in nats, ``(B,)`` float64."""
-        return self.offset + 0.5 * (weights * self.values).sum(-1)
+        return self.offset + 0.5 * quad.integrate(self.values)
 
 
 def continuous(spectrum: GaussianSpectrum, x: torch.Tensor, err: torch.Tensor, err_g: torch.Tensor) -> Integrand:

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 _MASK = (1 << 64) - 1
+NOISE_BUDGET = 2**24  # elements of noise drawn at once: examples are processed in groups this big
 
 
 def _splitmix64(value: int) -> int:
@@ -48,6 +49,11 @@ class ExampleNoise:
     fractions: torch.Tensor  # (B, m) float64 in [0, 1)
     eps: torch.Tensor  # (B, m, *shape)
     dequant: torch.Tensor | None  # (B, *shape) uniform in [-1/2, 1/2), or None
+
+    def expand(self, n: int) -> "ExampleNoise":
+        """The draws of one example repeated for ``n`` examples (views, no copy)."""
+        grow = lambda t: None if t is None else t.expand(n, *t.shape[1:])  # noqa: E731
+        return ExampleNoise(grow(self.fractions), grow(self.eps), grow(self.dequant))
 
 
 def draw_example_noise(

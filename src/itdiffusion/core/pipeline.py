@@ -1,0 +1,215 @@
+"""The estimator pipeline: the one place where noise, log-SNR points, network calls and errors meet.
+
+An :class:`Estimator` says where the integral over log-SNR is taken (its proposal), how each
+example's calls are spent (:class:`Sampling`) and what is estimated (continuous ``-log p(x)``
+or the discrete bound, with rounding and clamping).  For a batch of examples it
+
+1. draws every example's own random stream (:func:`itdiffusion.core.noise.draw_example_noise`),
+   in groups small enough for ``NOISE_BUDGET``;
+2. places the log-SNR points (:class:`~itdiffusion.core.proposal.Quadrature`), per example or
+   shared by all;
+3. calls the denoiser on every (example, call) pair and measures the errors
+   (:func:`itdiffusion.core.errors.pair_errors`), averaged over the calls of each point;
+4. turns errors into integrands (:mod:`itdiffusion.core.estimators`) and integrates them.
+
+``nll``, the evaluation protocol, the continuous-time variational bound and the demo all go
+through :meth:`Estimator.measure`; none of them repeats these steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from . import estimators
+from .errors import Denoise, ErrorOptions, Errors, check_rounding, pair_errors
+from .grid import DiscreteGrid
+from .noise import NOISE_BUDGET, CallLayout, ExampleNoise, draw_example_noise
+from .proposal import Proposal, Quadrature, check_n_points, check_placement, quadrature
+from .spectrum import GaussianSpectrum
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the ``n_calls`` network calls of one example are spent.
+
+    ``antithetic``: in groups of four antithetic noise draws at ``ceil(n_calls / 4)`` points
+    (see :class:`~itdiffusion.core.noise.CallLayout`), else one call per point.
+    ``placement``: ``"stratified"``, ``"iid"`` or ``"midpoint"`` (see :mod:`~itdiffusion.core.proposal`).
+    """
+
+    n_calls: int
+    antithetic: bool = True
+    placement: str = "stratified"
+
+    def __post_init__(self):
+        object.__setattr__(self, "n_calls", check_n_points(self.n_calls))
+        check_placement(self.placement)
+
+    @property
+    def layout(self) -> CallLayout:
+        return CallLayout(self.n_calls, self.antithetic)
+
+    @property
+    def n_points(self) -> int:
+        """Distinct log-SNR points per example."""
+        return self.layout.n_strata
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One input the denoiser is called on, with the noise and points shared by all passes.
+
+    ``dequantize``: the data plus the example's uniform offset times the grid step.
+    """
+
+    name: str = "data"
+    dequantize: bool = False
+    options: ErrorOptions = field(default_factory=ErrorOptions)
+
+
+@dataclass
+class Measurement:
+    """What :meth:`Estimator.measure` measured on ``B`` examples.
+
+    ``inputs`` and ``errors`` are keyed by pass name: ``(B, *shape)`` inputs and
+    :class:`~itdiffusion.core.errors.Errors` of shape ``(B, m)``, one value per point
+    (averaged over the point's calls).
+    """
+
+    quadrature: Quadrature
+    inputs: dict[str, torch.Tensor]
+    errors: dict[str, Errors]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An estimator of ``-log p(x)`` (continuous) or of an upper bound on ``-log P(x)``.
+
+    Attributes:
+        proposal: the log-SNR proposal; its range is the integration range.
+        sampling: calls per example and how they are spent.
+        discrete: the data grid for the discrete bound (``None``: continuous data).
+        rounding: ``"hard"``, ``"soft"`` or ``"none"`` (discrete only).
+        clamp: ``(lo, hi)`` interval to clamp ``x_hat`` into.
+        split: log-SNR above which the discrete bound drops the Gaussian control variate.
+        batch_size: (example, call) pairs per network call.
+    """
+
+    proposal: Proposal
+    sampling: Sampling
+    discrete: DiscreteGrid | None = None
+    rounding: str = "hard"
+    clamp: tuple[float, float] | None = None
+    split: float = 0.0
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        check_rounding(self.rounding)
+        object.__setattr__(self, "split", min(max(float(self.split), self.proposal.lo), self.proposal.hi))
+
+    @property
+    def roundings(self) -> tuple[str, ...]:
+        return (self.rounding,) if self.discrete is not None and self.rounding != "none" else ()
+
+    def data_pass(self, roundings: tuple[str, ...] | None = None) -> Pass:
+        """The pass on the data itself, computing this estimator's rounding (or ``roundings``)."""
+        roundings = self.roundings if roundings is None else roundings
+        return Pass("data", False, ErrorOptions(self.discrete, roundings, self.clamp, self.batch_size))
+
+    def shared_quadrature(self, seed: int | None = None) -> Quadrature:
+        """Points shared by every example: the midpoint rule, or one draw from ``seed``."""
+        draws = None
+        if self.sampling.placement != "midpoint":
+            if seed is None:
+                raise ValueError(f"shared {self.sampling.placement} points need a seed")
+            gen = torch.Generator().manual_seed(int(seed))
+            draws = torch.rand(self.sampling.n_points, generator=gen, dtype=torch.float64)
+        return quadrature(self.proposal, self.sampling.n_points, self.sampling.placement, draws)
+
+    # ----------------------------------------------------------------- the pipeline
+    def measure(
+        self,
+        denoise: Denoise,
+        spectrum: GaussianSpectrum,
+        x: torch.Tensor,
+        *,
+        seed: int,
+        first_index: int = 0,
+        shared: Quadrature | None = None,
+        passes: tuple[Pass, ...] | None = None,
+        same_noise: bool = False,
+    ) -> Measurement:
+        """Errors of every pass on examples ``first_index, first_index + 1, ...`` of ``x`` ``(B, *shape)``.
+
+        ``shared``: points shared by every example (default: each example its own, from its
+        stream).  ``passes`` default to the data pass of this estimator.  ``same_noise``:
+        every example draws the stream of example ``first_index`` (common random numbers,
+        e.g. for a smooth density plot).
+        """
+        passes = (self.data_pass(),) if passes is None else tuple(passes)
+        dequantize = any(p.dequantize for p in passes)
+        if dequantize and self.discrete is None:
+            raise ValueError("dequantizing needs the data grid (discrete=DiscreteGrid(...))")
+        layout, shape = self.sampling.layout, tuple(x.shape[1:])
+        group = max(1, NOISE_BUDGET // (layout.n_calls * max(1, x[0].numel())))
+        parts = []
+        for start in range(0, len(x), group):
+            xb = x[start : start + group]
+            first = first_index if same_noise else first_index + start
+            noise = draw_example_noise(seed, range(first, first + (1 if same_noise else len(xb))), layout.n_strata,
+                                       shape, dtype=x.dtype, device=x.device, dequantize=dequantize)
+            if same_noise:
+                noise = noise.expand(len(xb))
+            parts.append(self._measure_group(denoise, spectrum, xb, noise, shared, passes))
+        return _cat(parts, shared)
+
+    def _measure_group(self, denoise, spectrum, x, noise: ExampleNoise, shared, passes) -> Measurement:
+        quad = shared if shared is not None else quadrature(
+            self.proposal, self.sampling.n_points, self.sampling.placement,
+            None if self.sampling.placement == "midpoint" else noise.fractions)
+        quad = quad.to(x.device)
+        layout = self.sampling.layout
+        idx = layout.stratum(x.device)
+        call_logsnr = quad.logsnr.expand(len(x), layout.n_strata)[:, idx]
+        call_eps = layout.call_noise(noise.eps)
+        inputs, errors = {}, {}
+        for p in passes:
+            inp = x + self.discrete.delta * noise.dequant if p.dequantize else x
+            errs = pair_errors(denoise, spectrum, inp, call_logsnr, call_eps, p.options)
+            inputs[p.name], errors[p.name] = inp, errs.map(layout.mean_per_stratum)
+        return Measurement(quad, inputs, errors)
+
+    def integrand(self, spectrum: GaussianSpectrum, x: torch.Tensor, errs: Errors, quad: Quadrature,
+                  *, discrete: bool | None = None, rounding: str | None = None) -> estimators.Integrand:
+        """Estimator terms from ``(B, m)`` errors: continuous, or the discrete bound when this
+        estimator has a grid (``discrete=False`` forces the continuous form)."""
+        grid = self.discrete if discrete is None or discrete else None
+        if grid is None:
+            return estimators.continuous(spectrum, x, errs.raw, errs.gauss)
+        err = errs.rounded(self.rounding if rounding is None else rounding)
+        return estimators.discrete(spectrum, grid, x, err, errs.gauss, quad.logsnr.to(x.device), self.split, quad.hi)
+
+    def nll(self, denoise: Denoise, spectrum: GaussianSpectrum, x: torch.Tensor, *, seed: int,
+            first_index: int = 0, shared: Quadrature | None = None, same_noise: bool = False) -> torch.Tensor:
+        """Per-example estimate in nats, ``(B, *shape) -> (B,)`` float64 (arguments as in :meth:`measure`)."""
+        m = self.measure(denoise, spectrum, x, seed=seed, first_index=first_index, shared=shared,
+                         same_noise=same_noise)
+        terms = self.integrand(spectrum, x, m.errors["data"], m.quadrature)
+        return terms.integrate(m.quadrature)
+
+    def with_sampling(self, **changes) -> "Estimator":
+        return replace(self, sampling=replace(self.sampling, **changes))
+
+
+def _cat(parts: list[Measurement], shared: Quadrature | None) -> Measurement:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0].quadrature
+    quad = first if shared is not None or first.shared else Quadrature(
+        torch.cat([p.quadrature.logsnr for p in parts]), torch.cat([p.quadrature.weights for p in parts]),
+        first.proposal)
+    inputs = {k: torch.cat([p.inputs[k] for p in parts]) for k in parts[0].inputs}
+    errors = {k: Errors.cat([p.errors[k] for p in parts]) for k in parts[0].errors}
+    return Measurement(quad, inputs, errors)
