@@ -167,7 +167,7 @@ def files(tmp_path_factory):
     f["res"] = root / "results" / "res.json"
     res.save(f["res"])
     f["res_v2"] = root / "results" / "res_v2.json"
-    _bump_results_version(f["res"], f["res_v2"], 2)
+    _bump_results_version(f["res"], f["res_v2"], 99)
     f["res_truncated"] = root / "results" / "res_truncated.json"
     f["res_truncated"].write_text(f["res"].read_text()[:80])
     shutil.copy(f["res"].with_suffix(".npz"), f["res_truncated"].with_suffix(".npz"))
@@ -356,7 +356,7 @@ CLI_CASES = [
     ("report-nothing", ["report", "--out", "{out}/rep"], "give results files"),
     ("report-missing-results", ["report", "{missing}.json", "--out", "{out}/rep"], "does-not-exist.json: no such file"),
     ("report-results-of-other-version", ["report", "{res_v2}", "--out", "{out}/rep"],
-     "version 2 is not supported"),
+     "version 99 is not supported"),
     ("report-truncated-json", ["report", "{res_truncated}", "--out", "{out}/rep"], "truncated or invalid JSON"),
     ("report-truncated-npz", ["report", "{res_npz_truncated}", "--out", "{out}/rep"], "truncated or corrupt"),
     ("report-folder-as-results", ["report", "{res_dir}", "--out", "{out}/rep"], "folder.json is a directory"),
@@ -497,9 +497,9 @@ def _py_cases():
         # results
         ("results-load-missing", lambda f: itd.Results.load(f["missing"]), "no such file"),
         ("results-load-folder", lambda f: itd.Results.load(f["res_dir"]), "folder.json is a directory"),
-        ("results-load-other-version", lambda f: itd.Results.load(f["res_v2"]), "version 2 is not supported"),
+        ("results-load-other-version", lambda f: itd.Results.load(f["res_v2"]), "version 99 is not supported"),
         ("results-load-other-version-npz", lambda f: itd.Results.load(f["res_v2"].with_suffix(".npz")),
-         "version 2 is not supported"),
+         "version 99 is not supported"),
         ("results-load-truncated-json", lambda f: itd.Results.load(f["res_truncated"]), "truncated or invalid JSON"),
         ("results-load-truncated-npz", lambda f: itd.Results.load(f["res_npz_truncated"]), "truncated or corrupt"),
         ("results-load-spectrum", lambda f: itd.Results.load(f["spec"]), "expected a itdiffusion.results file"),

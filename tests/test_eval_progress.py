@@ -19,11 +19,11 @@ def setup():
 
 
 def _same(a: itd.Results, b: itd.Results):
-    assert a.estimates() == b.estimates()
+    assert a.estimates == b.estimates
     for key in a.curves:
         assert np.array_equal(a.curves[key], b.curves[key]), key
     for name in a.terms:
-        assert np.array_equal(a.terms[name].nll, b.terms[name].nll), name
+        assert np.array_equal(a.terms[name].nll_nats, b.terms[name].nll_nats), name
 
 
 def test_interrupted_evaluation_resumes_to_identical_results(setup, tmp_path):

@@ -173,7 +173,7 @@ def test_killed_finetune_and_eval_resume_to_identical_results(spectrum, tmp_path
     for key in a.curves:
         assert np.array_equal(a.curves[key], b.curves[key]), key
     for name in a.terms:
-        for field in ("nll", "nll_clamped", "integrand", "gauss"):
+        for field in ("nll_nats", "nll_gauss_min", "integrand", "gauss"):
             assert np.array_equal(getattr(a.terms[name], field), getattr(b.terms[name], field)), (name, field)
     assert not partial.exists() and _temps(tmp_path) == []
     assert time.monotonic() - began < BUDGET_S

@@ -377,7 +377,7 @@ def test_evaluate_finite_for_data_at_the_grid_edges(dtype):
     model, grid = grid_model(256, 12.0)
     x = torch.stack([torch.full((model.d,), -1.0), torch.full((model.d,), 1.0)]).to(dtype)
     results = itd.evaluate(model, [x], n_points=16, discrete=grid, soft=True, dequantize=True)
-    for name, est in results.estimates().items():
+    for name, est in results.estimates.items():
         assert math.isfinite(est.nats), name
     for name, curve in results.curves.items():
         assert (curve == curve).all() and abs(curve).max() < math.inf, name
@@ -438,7 +438,7 @@ def test_nan_at_one_logsnr_is_named_by_evaluate(soft):
     probe = FailsAt(model.spectrum, None)
     model.denoiser = probe
     results = itd.evaluate(model, [x], n_points=8, discrete=grid, soft=soft, dequantize=True)
-    assert all(math.isfinite(e.nats) for e in results.estimates().values())
+    assert all(math.isfinite(e.nats) for e in results.estimates.values())
     points = sorted(set(round(p, 6) for p in probe.seen))
     assert len(points) == len(results.logsnr)
     target = points[2]

@@ -110,13 +110,13 @@ def test_two_processes_give_the_one_process_result(pipeline):
     assert b.config["processes"] == 2 and a.config["processes"] == 1 and b.n_examples == a.n_examples == 22
     # Each image's noise is the same in both runs; only how images are batched into network calls
     # differs, which moves float32 network outputs by rounding (relative ~1e-7).
-    for name, est in a.estimates().items():
+    for name, est in a.estimates.items():
         assert b[name].nats == pytest.approx(est.nats, rel=1e-6, abs=1e-6), name
         assert b[name].se_nats == pytest.approx(est.se_nats, rel=1e-5), name
     for key, curve in a.curves.items():
         np.testing.assert_allclose(b.curves[key], curve, rtol=1e-6, atol=1e-9, err_msg=key)
     for name, term in a.terms.items():
-        np.testing.assert_allclose(b.terms[name].nll, term.nll, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(b.terms[name].nll_nats, term.nll_nats, rtol=1e-6, atol=1e-6, err_msg=name)
     assert not list(root.glob("two.partial*"))
 
 
@@ -147,7 +147,7 @@ def test_killed_eval_resumes_with_the_same_command(pipeline, capsys):
     for key in a.curves:
         assert np.array_equal(a.curves[key], b.curves[key]), key
     for name in a.terms:
-        assert np.array_equal(a.terms[name].nll, b.terms[name].nll), name
+        assert np.array_equal(a.terms[name].nll_nats, b.terms[name].nll_nats), name
 
 
 def test_eval_device_options_agree_with_plain(pipeline):
@@ -157,7 +157,7 @@ def test_eval_device_options_agree_with_plain(pipeline):
     _eval(run, spectrum, plain, *args)
     _eval(run, spectrum, nhwc, *args, "--channels-last")
     a, b = Results.load(plain), Results.load(nhwc)
-    for name, est in a.estimates().items():
+    for name, est in a.estimates.items():
         assert b[name].nats == pytest.approx(est.nats, rel=1e-5, abs=1e-5), name
 
 

@@ -165,7 +165,7 @@ def _silent(*args, **kwargs) -> None:
 
 
 def _metrics(ds, results, history, seconds: float) -> dict:
-    est = results.estimates()
+    est = results.estimates
     cont = est["continuous"]
     metrics = {
         "dataset": ds.name, "d": ds.dim, "n_train": len(ds.train), "n_test": len(ds.test),
@@ -180,7 +180,7 @@ def _metrics(ds, results, history, seconds: float) -> dict:
         for key, name in (("discrete", "discrete"), ("dequantized", "dequantized_discrete")):
             if name in est:
                 metrics[f"test_{key}_bpd"], metrics[f"test_{key}_bpd_se"] = est[name].bpd, est[name].se_bpd
-        metrics["test_discrete_clamped_bpd"] = est["discrete_clamped"].bpd
+        metrics["test_discrete_gauss_min_bpd"] = est["discrete_gauss_min"].bpd
     metrics["history"] = history.to_json()
     return metrics
 
@@ -215,6 +215,6 @@ def _plots(ds, results, snapshots, extent, out: Path, side: int) -> None:
         plots.plot_density_grid(panels, extent, ds.train[:2000].numpy(), out / "density.png",
                                 title=f"{ds.name}: learned -log p(x) over training")
     elif ds.grid is not None:
-        nll = results.terms["discrete"].nll
+        nll = results.terms["discrete"].nll_nats
         bpd = nll / (ds.dim * math.log(2))
         plots.plot_image_bpd(ds.test.numpy(), bpd, results, out / "images.png")

@@ -277,7 +277,7 @@ class Evaluator:
         keep = self.config.per_sample_curves
         return Term(
             offset=offset, integrand_mean=integrand.mean(0), gauss_mean=gauss.mean(0),
-            nll=self.acc.get(f"{name}/nll"), nll_clamped=offset + 0.5 * (chosen * weights).sum(-1),
+            nll_nats=self.acc.get(f"{name}/nll"), nll_gauss_min=offset + 0.5 * (chosen * weights).sum(-1),
             integrand=integrand.astype(np.float32) if keep else None,
             gauss=gauss.astype(np.float32) if keep else None,
         )

@@ -217,8 +217,9 @@ def load_json(path) -> dict:
     return value
 
 
-def read_meta(arrays: dict[str, np.ndarray], path, fmt: str, version: int) -> dict:
-    """Decode the JSON ``meta`` array of an ``.npz`` written by this package and check its format."""
+def read_meta(arrays: dict[str, np.ndarray], path, fmt: str, version: int, older: tuple[int, ...] = ()) -> dict:
+    """Decode the JSON ``meta`` array of an ``.npz`` written by this package and check its format
+    (``version``, or one of the ``older`` versions the caller still reads)."""
     try:
         meta = json.loads(bytes(arrays["meta"].astype(np.uint8)).decode())
     except (KeyError, ValueError, TypeError, UnicodeDecodeError, RecursionError):
@@ -227,7 +228,7 @@ def read_meta(arrays: dict[str, np.ndarray], path, fmt: str, version: int) -> di
         raise ValueError(f"{path}: not an itdiffusion file (metadata is not a JSON object)")
     if meta.get("format") != fmt:
         raise ValueError(f"{path}: expected a {fmt} file, found {meta.get('format')!r}")
-    if meta.get("version") != version:
+    if meta.get("version") != version and meta.get("version") not in older:
         raise ValueError(f"{path}: {fmt} version {meta.get('version')!r} is not supported (this is version {version})")
     return meta
 

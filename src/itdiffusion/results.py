@@ -11,21 +11,23 @@ from pathlib import Path
 import numpy as np
 
 from . import fileio as _io
+from .core.units import bpd
+from .tables import Table, number, tex_escape, with_se
 
 FORMAT = "itdiffusion.results"
-VERSION = 1
-LN2 = math.log(2.0)
+VERSION = 2  # version 1 named the per-example arrays nll / nll_clamped and the estimates *_clamped
+GAUSS_MIN = "_gauss_min"  # suffix of estimates whose curve is the per-point minimum with the Gaussian's
 
 # Row order and labels of tables.
 ESTIMATE_LABELS = {
     "continuous": "Continuous -log p(x)",
-    "continuous_clamped": "Continuous, Gaussian-clamped",
+    "continuous_gauss_min": "Continuous, min with Gaussian",
     "discrete": "Discrete -log P(x) (upper bound)",
-    "discrete_clamped": "Discrete, Gaussian-clamped",
+    "discrete_gauss_min": "Discrete, min with Gaussian",
     "dequantized": "Dequantized -log p(x+u)",
-    "dequantized_clamped": "Dequantized, Gaussian-clamped",
+    "dequantized_gauss_min": "Dequantized, min with Gaussian",
     "dequantized_discrete": "Dequantized, discrete limit",
-    "dequantized_discrete_clamped": "Dequantized, discrete limit, clamped",
+    "dequantized_discrete_gauss_min": "Dequantized, discrete limit, min with Gaussian",
 }
 
 
@@ -43,11 +45,14 @@ class Estimate:
 
     @property
     def bpd(self) -> float:
-        return self.nats / (self.d * LN2)
+        return bpd(self.nats, self.d)
 
     @property
     def se_bpd(self) -> float:
-        return self.se_nats / (self.d * LN2)
+        return bpd(self.se_nats, self.d)
+
+    def to_dict(self) -> dict:
+        return {"nats": self.nats, "se_nats": self.se_nats, "bpd": self.bpd, "se_bpd": self.se_bpd}
 
     @classmethod
     def from_samples(cls, values: np.ndarray, d: int) -> "Estimate":
@@ -60,15 +65,15 @@ class Estimate:
 class Term:
     """One estimator over a data set of ``N`` examples at ``m`` shared log-SNR points.
 
-    Per example: ``nll = offset + shift + 1/2 sum_i weights_i * integrand_i``.  The
-    Gaussian-clamped version replaces, at each point where the data-set mean of
+    Per example: ``nll_nats = offset + shift + 1/2 sum_i weights_i * integrand_i``.  The
+    "min with Gaussian" version replaces, at each point where the data-set mean of
     ``integrand`` exceeds that of ``gauss`` (the Gaussian denoiser's own integrand), the
     integrand by ``gauss``.
 
     Attributes:
         offset: ``(N,)`` closed-form part, nats.
         integrand_mean, gauss_mean: ``(m,)`` data-set means.
-        nll, nll_clamped: ``(N,)`` per-example estimates, nats.
+        nll_nats, nll_gauss_min: ``(N,)`` per-example estimates, nats.
         integrand, gauss: ``(N, m)`` per-example curves, or ``None`` if not kept.
         shift: constant added to every example (``-d log delta`` for a discrete limit).
     """
@@ -76,8 +81,8 @@ class Term:
     offset: np.ndarray
     integrand_mean: np.ndarray
     gauss_mean: np.ndarray
-    nll: np.ndarray
-    nll_clamped: np.ndarray
+    nll_nats: np.ndarray
+    nll_gauss_min: np.ndarray
     integrand: np.ndarray | None = None
     gauss: np.ndarray | None = None
     shift: float = 0.0
@@ -117,29 +122,30 @@ class Results:
         return int(np.prod(self.shape))
 
     # ----------------------------------------------------------------- estimates
+    @property
     def estimates(self) -> dict[str, Estimate]:
         """Every estimate, in table order (see ``ESTIMATE_LABELS``)."""
         out = {}
         for name, term in self.terms.items():
-            out[name] = self._estimate(term, clamped=False)
-            out[name + "_clamped"] = self._estimate(term, clamped=True)
+            out[name] = self._estimate(term, gauss_min=False)
+            out[name + GAUSS_MIN] = self._estimate(term, gauss_min=True)
         if "dequantized" in self.terms:
             shift = -self.d * math.log(self.config["grid"]["delta"])
-            for suffix in ("", "_clamped"):
+            for suffix in ("", GAUSS_MIN):
                 est = out["dequantized" + suffix]
                 out["dequantized_discrete" + suffix] = replace(est, nats=est.nats + shift)
         return {k: out[k] for k in ESTIMATE_LABELS if k in out}
 
-    def _estimate(self, term: Term, clamped: bool) -> Estimate:
-        values = term.nll_clamped if clamped else term.nll
+    def _estimate(self, term: Term, gauss_min: bool) -> Estimate:
+        values = term.nll_gauss_min if gauss_min else term.nll_nats
         if np.isfinite(values).all():
             return Estimate.from_samples(values + term.shift, self.d)
-        curve = np.minimum(term.integrand_mean, term.gauss_mean) if clamped else term.integrand_mean
+        curve = np.minimum(term.integrand_mean, term.gauss_mean) if gauss_min else term.integrand_mean
         nats = term.offset.mean() + term.shift + 0.5 * float((self.weights * curve).sum())
         return Estimate(float(nats), math.nan, self.d)
 
     def __getitem__(self, name: str) -> Estimate:
-        estimates = self.estimates()
+        estimates = self.estimates
         if name not in estimates:
             raise KeyError(f"no estimate {name!r}; have {list(estimates)}")
         return estimates[name]
@@ -147,31 +153,23 @@ class Results:
     # ----------------------------------------------------------------- tables
     def to_markdown(self, title: str | None = None) -> str:
         """The estimates as a Markdown table (nats and bits/dim with standard errors)."""
-        lines = [f"**{title}**", ""] if title else []
-        lines += ["| Estimate | nats | ± se | bits/dim | ± se |", "|---|---:|---:|---:|---:|"]
-        for name, est in self.estimates().items():
-            lines.append(
-                f"| {ESTIMATE_LABELS[name]} | {est.nats:.4f} | {_fmt(est.se_nats)} | {est.bpd:.4f} | {_fmt(est.se_bpd)} |"
-            )
-        return "\n".join(lines) + "\n"
+        table = Table(["Estimate", "nats", "± se", "bits/dim", "± se"])
+        for name, est in self.estimates.items():
+            table.add([ESTIMATE_LABELS[name], f"{est.nats:.4f}", number(est.se_nats), f"{est.bpd:.4f}",
+                       number(est.se_bpd)])
+        return table.to_markdown(title)
 
     def to_latex(self, caption: str | None = None) -> str:
         """The estimates as a LaTeX ``tabular`` (bits/dim with standard errors)."""
-        rows = [r"\begin{tabular}{lr}", r"\toprule", r"Estimate & bits/dim \\", r"\midrule"]
-        for name, est in self.estimates().items():
-            se = "" if math.isnan(est.se_bpd) else rf" $\pm$ {est.se_bpd:.4f}"
-            rows.append(rf"{ESTIMATE_LABELS[name]} & {est.bpd:.4f}{se} \\")
-        rows += [r"\bottomrule", r"\end{tabular}"]
-        if caption:
-            rows = [r"\begin{table}", r"\centering", *rows, rf"\caption{{{caption}}}", r"\end{table}"]
-        return re.sub(r"-log (\w)\(([^)]*)\)", r"$-\\log \1(\2)$", "\n".join(rows)) + "\n"
+        table = Table(["Estimate", "bits/dim"])
+        for name, est in self.estimates.items():
+            label = re.sub(r"-log (\w)\(([^)]*)\)", r"$-\\log \1(\2)$", tex_escape(ESTIMATE_LABELS[name]))
+            table.add([label, with_se(est.bpd, est.se_bpd, latex=True)])
+        return table.to_latex(caption, escape=False)
 
     def summary(self) -> dict:
         """JSON-able estimates: ``{name: {nats, se_nats, bpd, se_bpd}}``."""
-        return {
-            name: {"nats": e.nats, "se_nats": e.se_nats, "bpd": e.bpd, "se_bpd": e.se_bpd}
-            for name, e in self.estimates().items()
-        }
+        return {name: e.to_dict() for name, e in self.estimates.items()}
 
     # ----------------------------------------------------------------- files
     def save(self, path) -> None:
@@ -183,7 +181,7 @@ class Results:
         arrays = {"logsnr": self.logsnr, "weights": self.weights}
         arrays.update({f"curve/{k}": v for k, v in self.curves.items()})
         for name, term in self.terms.items():
-            for key in ("offset", "integrand_mean", "gauss_mean", "nll", "nll_clamped", "integrand", "gauss"):
+            for key in ("offset", "integrand_mean", "gauss_mean", "nll_nats", "nll_gauss_min", "integrand", "gauss"):
                 value = getattr(term, key)
                 if value is not None:
                     arrays[f"term/{name}/{key}"] = np.asarray(value)
@@ -215,20 +213,21 @@ class Results:
             summary = _io.load_json(path)
             if summary.get("format") != FORMAT:
                 raise ValueError(f"{path}: expected a {FORMAT} file, found {summary.get('format')!r}")
-            if summary.get("version") != VERSION:
+            if summary.get("version") not in (VERSION, 1):
                 raise ValueError(f"{path}: {FORMAT} version {summary.get('version')!r} is not supported "
                                  f"(this is version {VERSION})")
         arrays = _io.load_npz(_npz_path(path))
-        meta = _io.read_meta(arrays, _npz_path(path), FORMAT, VERSION)
+        meta = _io.read_meta(arrays, _npz_path(path), FORMAT, VERSION, older=(1,))
+        names = _V1_NAMES if meta["version"] == 1 else {}
         try:
             real = lambda key: _io.real_array(arrays, key)  # noqa: E731
             terms = {}
             for name, shift in meta["shifts"].items():
-                need = lambda key: real(f"term/{name}/{key}")  # noqa: E731
+                need = lambda key: real(f"term/{name}/{names.get(key, key)}")  # noqa: E731
                 maybe = lambda key: need(key) if f"term/{name}/{key}" in arrays else None  # noqa: E731
                 terms[name] = Term(
                     offset=need("offset"), integrand_mean=need("integrand_mean"), gauss_mean=need("gauss_mean"),
-                    nll=need("nll"), nll_clamped=need("nll_clamped"), integrand=maybe("integrand"),
+                    nll_nats=need("nll_nats"), nll_gauss_min=need("nll_gauss_min"), integrand=maybe("integrand"),
                     gauss=maybe("gauss"), shift=float(shift),
                 )
             curves = {k.split("/", 1)[1]: real(k) for k in arrays if k.startswith("curve/")}
@@ -241,12 +240,11 @@ class Results:
             raise ValueError(f"{_npz_path(path)}: not a valid results file ({type(err).__name__}: {err})") from None
 
 
+_V1_NAMES = {"nll_nats": "nll", "nll_gauss_min": "nll_clamped"}  # array names of version-1 files
+
+
 def _npz_path(path: Path) -> Path:
     return path.with_suffix(".npz")
-
-
-def _fmt(value: float) -> str:
-    return "–" if math.isnan(value) else f"{value:.4f}"
 
 
 def ensemble(*results: Results, names: list[str] | None = None) -> Results:
@@ -286,10 +284,11 @@ def _ensemble_term(members: list[Term], weights: np.ndarray) -> Term:
     candidates = np.stack([m.integrand_mean for m in members] + [gauss_mean])  # the Gaussian is last
     best = candidates.argmin(0)
     term = Term(offset=offset, integrand_mean=candidates.min(0), gauss_mean=gauss_mean,
-                nll=np.full_like(offset, np.nan), nll_clamped=np.full_like(offset, np.nan), shift=members[0].shift)
+                nll_nats=np.full_like(offset, np.nan), nll_gauss_min=np.full_like(offset, np.nan),
+                shift=members[0].shift)
     if all(m.has_curves for m in members):
         per = np.stack([m.integrand for m in members] + [members[0].gauss])  # (M + 1, N, m)
         term.integrand = np.take_along_axis(per, best[None, None, :].repeat(per.shape[1], 1), 0)[0]
         term.gauss = members[0].gauss
-        term.nll = term.nll_clamped = offset + 0.5 * (term.integrand * weights).sum(-1)
+        term.nll_nats = term.nll_gauss_min = offset + 0.5 * (term.integrand * weights).sum(-1)
     return term

@@ -65,11 +65,11 @@ def evaluate_images():
     model, x, grid = _image_model()
     res = itd.evaluate(model, [x[:4], x[4:]], n_points=12, discrete=grid, soft=True, dequantize=True,
                        per_sample_curves=True, seed=3)
-    out = {f"est/{k}": [e.nats, e.se_nats] for k, e in res.estimates().items()}
+    out = {f"est/{k.replace('_gauss_min', '_clamped')}": [e.nats, e.se_nats] for k, e in res.estimates.items()}
     out["logsnr"], out["weights"] = res.logsnr, res.weights
     out.update({f"curve/{k}": v for k, v in res.curves.items()})
     for name, term in res.terms.items():
-        out[f"term/{name}/nll"] = term.nll
+        out[f"term/{name}/nll"] = term.nll_nats
         out[f"term/{name}/integrand"] = term.integrand
     return out
 
@@ -79,7 +79,8 @@ def evaluate_continuous():
     x = mix.sample(30, torch.Generator().manual_seed(5))
     model = itd.ITDiffusion(mix, _spectrum_of(x))
     res = itd.evaluate(model, [x], n_points=16, placement="stratified", seed=11)
-    return {f"est/{k}": [e.nats, e.se_nats] for k, e in res.estimates().items()} | {"logsnr": res.logsnr}
+    return {f"est/{k.replace('_gauss_min', '_clamped')}": [e.nats, e.se_nats]
+            for k, e in res.estimates.items()} | {"logsnr": res.logsnr}
 
 
 def compare_methods():

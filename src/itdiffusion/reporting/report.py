@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import fileio as _io
-from ..results import Estimate, Results, ensemble
+from ..core.units import bpd
+from ..results import Results, ensemble
+from ..tables import Table, tex_escape, with_se
 
 COLUMNS = (("continuous", "Continuous"), ("discrete", "Discrete"), ("dequantized_discrete", "Dequantized"))
 FIGURE_FORMATS = ("png", "pdf")
@@ -51,11 +52,10 @@ class RunHistory:
         return cls(folder.name, _d_from_checkpoint(folder), "continuous", records)
 
     def curves(self) -> dict:
-        scale = 1.0 / (self.d * math.log(2))
         val = [r.get("val_nll") for r in self.records]
         return {"label": self.label, "epochs": [r["epoch"] for r in self.records],
-                "train_bpd": [r["train_loss"] * scale for r in self.records],
-                "test_bpd": [None if v is None else v * scale for v in val], "test_metric": self.test_metric}
+                "train_bpd": [bpd(r["train_loss"], self.d) for r in self.records],
+                "test_bpd": [None if v is None else bpd(v, self.d) for v in val], "test_metric": self.test_metric}
 
 
 def _read_json(path: Path):
@@ -96,56 +96,35 @@ def try_ensemble(results: list[Results], labels: list[str]) -> tuple[Results | N
         return None, f"no ensemble: {err}"
 
 
-def _cell(est: Estimate | None) -> tuple[str, str]:
-    if est is None:
-        return "–", "–"
-    se = "" if math.isnan(est.se_bpd) else f" ± {est.se_bpd:.4f}"
-    se_tex = "" if math.isnan(est.se_bpd) else rf" $\pm$ {est.se_bpd:.4f}"
-    return f"{est.bpd:.4f}{se}", f"{est.bpd:.4f}{se_tex}"
-
-
 def table_rows(rows: list[tuple[str, Results]]) -> list[dict]:
     """``[{model, continuous: {nats, se_nats, bpd, se_bpd} | None, ...}]`` for the table's columns."""
     out = []
     for label, res in rows:
-        est = res.estimates()
+        est = res.estimates
         row = {"model": label, "n_examples": res.n_examples, "d": res.d}
         for key, _ in COLUMNS:
-            e = est.get(key)
-            row[key] = None if e is None else {"nats": e.nats, "se_nats": e.se_nats, "bpd": e.bpd, "se_bpd": e.se_bpd}
+            row[key] = None if est.get(key) is None else est[key].to_dict()
         out.append(row)
     return out
 
 
-def markdown_table(rows: list[tuple[str, Results]], note: str | None = None) -> str:
-    lines = ["| Model | " + " | ".join(f"{title} (bits/dim)" for _, title in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+def _table(rows: list[tuple[str, Results]], latex: bool) -> Table:
+    table = Table(["Model", *(f"{title} (bits/dim)" if not latex else title for _, title in COLUMNS)])
     for label, res in rows:
-        est = res.estimates()
-        lines.append(f"| {label} | " + " | ".join(_cell(est.get(key))[0] for key, _ in COLUMNS) + " |")
-    text = "\n".join(lines) + "\n"
+        est = res.estimates
+        cells = [with_se(e.bpd, e.se_bpd, latex=latex) if e is not None else "–"
+                 for e in (est.get(key) for key, _ in COLUMNS)]
+        table.add([tex_escape(label) if latex else label, *cells], rule_before=latex and label == ENSEMBLE)
+    return table
+
+
+def markdown_table(rows: list[tuple[str, Results]], note: str | None = None) -> str:
+    text = _table(rows, latex=False).to_markdown()
     return text + (f"\n{note}\n" if note else "")
 
 
 def latex_table(rows: list[tuple[str, Results]], caption: str | None = None) -> str:
-    body = [r"\begin{tabular}{l" + "r" * len(COLUMNS) + "}", r"\toprule",
-            "Model & " + " & ".join(title for _, title in COLUMNS) + r" \\", r"\midrule"]
-    for label, res in rows:
-        est = res.estimates()
-        if label == ENSEMBLE:
-            body.append(r"\midrule")
-        body.append(_tex_escape(label) + " & " + " & ".join(_cell(est.get(key))[1] for key, _ in COLUMNS) + r" \\")
-    body += [r"\bottomrule", r"\end{tabular}"]
-    if caption:
-        body = [r"\begin{table}", r"\centering", *body, rf"\caption{{{_tex_escape(caption)}}}", r"\end{table}"]
-    return "\n".join(body) + "\n"
-
-
-def _tex_escape(text: str) -> str:
-    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                          ("$", r"\$")):
-        text = text.replace(char, escaped)
-    return text
+    return _table(rows, latex=True).to_latex(caption, escape=False)
 
 
 CAPTION = ("Test negative log-likelihood in bits/dim with standard errors. Continuous: -log p(x); discrete: the "
