@@ -180,11 +180,14 @@ def files(tmp_path_factory):
     # A partial evaluation made with other settings, and a truncated one, beside their outputs.
     f["progress"] = root / "progress"
     f["progress"].mkdir()
-    other = Evaluator(model, EvalConfig(n_points=4, discrete=grid))
-    other.add_batch(test.x[:2])
-    other.save_progress(f["progress"] / "other.partial.npz", {"model": "someone else's"})
+    for name in ("other", "cut"):
+        other = Evaluator(model, EvalConfig(n_points=4, discrete=grid))
+        other.attach(f["progress"] / f"{name}.partial", {"model": "someone else's"})
+        other.add_batch(test.x[:2])
+        other.save_progress()
+    chunk = f["progress"] / "cut.partial" / "rows-0000000000-0000000002.npz"
+    chunk.write_bytes(chunk.read_bytes()[:500])
     f["other_partial_out"] = f["progress"] / "other.json"
-    (f["progress"] / "cut.partial.npz").write_bytes((f["progress"] / "other.partial.npz").read_bytes()[:500])
     f["cut_partial_out"] = f["progress"] / "cut.json"
     f["done"] = f["progress"] / "done.json"
     f["done"].write_text("{}\n")
@@ -349,7 +352,7 @@ CLI_CASES = [
      "--checkpoint-every"),
     ("eval-partial-of-other-settings", [*EV, "--out", "{other_partial_out}"],
      "partial evaluation with other settings"),
-    ("eval-truncated-partial", [*EV, "--out", "{cut_partial_out}"], "cut.partial.npz: truncated or corrupt"),
+    ("eval-truncated-partial", [*EV, "--out", "{cut_partial_out}"], "cut.partial/rows-0000000000-0000000002.npz: truncated or corrupt"),
     ("eval-resume-nothing", [*EV, "--resume", "--out", "{out}/r.json"], "nothing to resume"),
     ("eval-resume-and-fresh", [*EV, "--resume", "--fresh", "--out", "{out}/r.json"], "--fresh"),
     # --- itd report
@@ -491,9 +494,9 @@ def _py_cases():
         ("evaluate-unknown-placement", lambda f: itd.evaluate(model(f), [digits()], n_points=8, placement="sobol"),
          "placement"),
         ("evaluator-truncated-progress", lambda f: Evaluator(model(f), EvalConfig(n_points=4, discrete=grid))
-         .load_progress(f["progress"] / "cut.partial.npz"), "truncated or corrupt"),
+         .load_progress(f["progress"] / "cut.partial"), "truncated or corrupt"),
         ("evaluator-other-settings", lambda f: Evaluator(model(f), EvalConfig(n_points=8, discrete=grid))
-         .load_progress(f["progress"] / "other.partial.npz"), "other settings"),
+         .load_progress(f["progress"] / "other.partial"), "other settings"),
         # results
         ("results-load-missing", lambda f: itd.Results.load(f["missing"]), "no such file"),
         ("results-load-folder", lambda f: itd.Results.load(f["res_dir"]), "folder.json is a directory"),

@@ -73,6 +73,17 @@ def _run_and_kill(argv: list[str], watched: Path, writes: int, extra_s: float, d
         proc.stderr.close()
 
 
+def _rows_saved(folder: Path) -> int:
+    """Rows held by a progress folder's chunk files (each must read back whole)."""
+    total = 0
+    for path in folder.glob("rows-*.npz"):
+        with np.load(path, allow_pickle=False) as arrays:
+            first, stop = (int(v) for v in path.stem.split("-")[1:])
+            assert all(len(arrays[k]) == stop - first for k in arrays.files if not k.startswith("sum/"))
+        total += stop - first
+    return total
+
+
 def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
 
@@ -148,7 +159,7 @@ def test_killed_finetune_and_eval_resume_to_identical_results(spectrum, tmp_path
     assert _temps(tmp_path) == []
 
     out = tmp_path / "killed.json"
-    partial = tmp_path / "killed.partial.npz"
+    partial = tmp_path / "killed.partial"
     interrupted, saved = 0, []
     for i in range(KILLS):
         if out.exists():  # a kill after the results were written: the run is complete
@@ -158,11 +169,11 @@ def test_killed_finetune_and_eval_resume_to_identical_results(spectrum, tmp_path
         interrupted += _run_and_kill(argv, partial, writes=rng.randint(1, 3), extra_s=rng.uniform(0.0, 1.5 * step_s),
                                      deadline=deadline)
         if partial.exists():
-            with np.load(partial, allow_pickle=False) as arrays:
-                saved.append(json.loads(bytes(arrays["meta"]).decode())["n_done"])  # never a truncated file
-        if i == 0:  # as above: the next run removes what a kill in the middle of a write leaves
-            for name in ("killed.partial.npz", "killed.npz", "killed.json"):
+            saved.append(_rows_saved(partial))  # never a truncated chunk
+        if i == 0 and partial.exists():  # as above: the next run removes what a kill in the middle of a write leaves
+            for name in ("killed.npz", "killed.json"):
                 (tmp_path / f".{name}.k1ll3d00.tmp").write_bytes(b"half a file")
+            (partial / ".rows-0000000000-0000000004.npz.k1ll3d00.tmp").write_bytes(b"half a file")
     assert interrupted >= 2, "the evaluations ended before they could be killed"
     assert saved and 0 < min(saved) < 64
     capsys.readouterr()

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-from . import fileio as _io
-from .core.grid import DiscreteGrid
 from .core.errors import ErrorOptions, Errors
+from .core.grid import DiscreteGrid
 from .core.pipeline import Pass
+from .evalstate import Chunk, ProgressStore, identity_differences, json_identity, merge_ranges, missing
 from .model import ITDiffusion
 from .results import Results, Term
-PROGRESS_FORMAT = "itdiffusion.eval-progress"
-PROGRESS_VERSION = 1
+
+TERMS = ("continuous", "discrete", "dequantized")
 
 
 @dataclass
@@ -49,33 +46,6 @@ class EvalConfig:
             raise ValueError("soft rounding needs the data grid (discrete=DiscreteGrid(...))")
 
 
-@dataclass
-class _Accumulator:
-    """Per-example pieces gathered batch by batch (numpy, float64)."""
-
-    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
-
-    def add(self, key: str, value: torch.Tensor) -> None:
-        self.parts.setdefault(key, []).append(value.detach().double().cpu().numpy())
-
-    def get(self, key: str) -> np.ndarray:
-        return np.concatenate(self.parts[key])
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.parts
-
-    def mark(self) -> dict[str, int]:
-        """How many pieces each key holds (to undo an interrupted batch with :meth:`rollback`)."""
-        return {key: len(value) for key, value in self.parts.items()}
-
-    def rollback(self, mark: dict[str, int]) -> None:
-        for key in list(self.parts):
-            if key not in mark:
-                del self.parts[key]
-            else:
-                del self.parts[key][mark[key]:]
-
-
 def _as_tensor(batch) -> torch.Tensor:
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
@@ -84,20 +54,24 @@ def _as_tensor(batch) -> torch.Tensor:
     return torch.as_tensor(batch)
 
 
-class Evaluator:
-    """Runs :func:`evaluate` one batch at a time (so callers can checkpoint between batches).
+def _np(value: torch.Tensor, dtype=np.float64) -> np.ndarray:
+    return value.detach().cpu().numpy().astype(dtype, copy=False)
 
-    Example indices count from ``index_offset``; an example's noise depends only on the
-    seed and its index, so any split into batches or processes gives the same numbers.
-    The per-example pieces can be saved and restored (:meth:`save_progress`,
-    :meth:`load_progress`, :meth:`state_arrays`), so a long evaluation can be resumed,
-    and shards evaluated by several processes can be joined into one result.
+
+class Evaluator:
+    """Runs :func:`evaluate` one batch at a time, keeping each batch's rows as a :class:`Chunk`.
+
+    An example's noise depends only on the seed and its index, so any split into batches or
+    processes gives the same numbers.  With a progress folder (:meth:`attach`), chunks are
+    written there as they are saved (append-only, see :mod:`itdiffusion.evalstate`) and
+    dropped from memory; several evaluators (processes) may share one folder, each adding the
+    rows it evaluates, and any of them can then assemble the :meth:`results`.
     """
 
     def __init__(self, model: ITDiffusion, config: EvalConfig, *, batch_size: int | None = None, index_offset: int = 0):
         config.validate()
         self.model, self.config, self.batch_size = model, config, batch_size
-        self.index_offset = int(index_offset)
+        self.index_offset = self.next_index = int(index_offset)
         self.clip = model.clip if config.clip is None else float(config.clip)
         self.estimator = model.estimator(
             config.n_points, discrete=config.discrete, rounding="soft" if config.soft else "hard",
@@ -105,44 +79,56 @@ class Evaluator:
         self.layout = self.estimator.sampling.layout
         self.quadrature = self.estimator.shared_quadrature(config.seed)
         self.logsnr, self.weights = self.quadrature.logsnr, self.quadrature.weights
-        self.next_index = int(index_offset)
-        self.acc = _Accumulator()
+        self.store: ProgressStore | None = None
+        self._held: list[Chunk] = []  # evaluated rows not (yet) in the store
+        self._stored: list[tuple[int, int]] = []  # rows in the store
+
+    # ----------------------------------------------------------------- rows
+    @property
+    def covered(self) -> list[tuple[int, int]]:
+        """Merged ``[first, stop)`` ranges of the rows evaluated so far (held or stored)."""
+        return merge_ranges([(c.first, c.stop) for c in self._held] + self._stored)
+
+    def done_in(self, first: int, stop: int) -> int:
+        """How many rows of ``[first, stop)`` are evaluated."""
+        return (stop - first) - sum(b - a for a, b in missing(first, stop, self.covered))
 
     @property
     def n_done(self) -> int:
-        return sum(len(p) for p in self.acc.parts.get("continuous/offset", []))
+        """Rows evaluated from ``index_offset`` on."""
+        return self.done_in(self.index_offset, max([self.index_offset] + [b for _, b in self.covered]))
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Evaluate a batch ``(B, *shape)`` on the model's device and keep its per-example terms.
-
-        All or nothing: if it fails or is interrupted, nothing of the batch is kept.
-        """
-        mark, next_index = self.acc.mark(), self.next_index
-        try:
-            self._add_batch(x)
-        except BaseException:
-            self.acc.rollback(mark)
-            self.next_index = next_index
-            raise
+    def add_batch(self, x: torch.Tensor, first: int | None = None) -> None:
+        """Evaluate rows ``first, first + 1, ...`` (default: after the last added) of ``x`` ``(B, *shape)``
+        on the model's device.  All or nothing: if it fails, nothing of the batch is kept."""
+        first = self.next_index if first is None else int(first)
+        if missing(first, first + len(x), self.covered) != [(first, first + len(x))]:
+            raise ValueError(f"rows {first}-{first + len(x)} are already evaluated")
+        self._held.append(self._evaluate(x, first))
+        self.next_index = first + len(x)
 
     @torch.no_grad()
-    def _add_batch(self, x: torch.Tensor) -> None:
-        cfg, model = self.config, self.model
+    def _evaluate(self, x: torch.Tensor, first: int) -> Chunk:
+        """One batch's rows: per-example offsets and estimates (float64), and the independent
+        per-point curves (float32): each term's integrand, the Gaussian's errors, the other rounding."""
+        cfg, model, est = self.config, self.model, self.estimator
         model.check_data(x, cfg.discrete)
-        measured = self.estimator.measure(model, model.spectrum, x, seed=cfg.seed, first_index=self.next_index,
-                                          shared=self.quadrature, passes=self._passes())
-        self.next_index += len(x)
+        measured = est.measure(model, model.spectrum, x, seed=cfg.seed, first_index=first,
+                               shared=self.quadrature, passes=self._passes())
+        arrays, quad, spec = {}, measured.quadrature, model.spectrum
         for name, errs in measured.errors.items():
-            self._add_curves(name, errs)
-            inputs = measured.inputs[name]
-            self._add_term("continuous" if name == "data" else name,
-                           self.estimator.integrand(model.spectrum, inputs, errs, measured.quadrature, discrete=False))
+            inputs, term = measured.inputs[name], ("continuous" if name == "data" else name)
+            arrays[f"{name}/gauss"] = _np(errs.gauss, np.float32)
+            _add_term(arrays, term, est.integrand(spec, inputs, errs, quad, discrete=False), quad)
             if name == "data" and cfg.discrete is not None:
-                self._add_term("discrete", self.estimator.integrand(model.spectrum, inputs, errs, measured.quadrature))
+                _add_term(arrays, "discrete", est.integrand(spec, inputs, errs, quad), quad)
+                other = "hard" if cfg.soft else "soft"
+                arrays[f"data/{other}"] = _np(errs.rounded(other), np.float32)
+        return Chunk(first, first + len(x), arrays)
 
     def _passes(self) -> tuple[Pass, ...]:
         """The data (with both roundings for discrete data) and, if asked, the dequantized data."""
-        cfg, est = self.config, self.estimator
+        cfg = self.config
         if cfg.discrete is None:
             return (Pass("data", False, ErrorOptions(None, (), cfg.clamp, self.batch_size)),)
         passes = [Pass("data", False, ErrorOptions(cfg.discrete, ("hard", "soft"), _range(cfg.discrete),
@@ -152,64 +138,39 @@ class Evaluator:
                                                                  self.batch_size)))
         return tuple(passes)
 
-    def _add_curves(self, name: str, errs: Errors) -> None:
-        suffix = "" if name == "data" else "_" + name
-        self.acc.add(f"curve/mmse{suffix}", errs.raw)
-        self.acc.add(f"curve/mmse_gauss{suffix}", errs.gauss)
-        for key in ("hard", "soft"):
-            if getattr(errs, key) is not None:
-                self.acc.add(f"curve/mmse_{key}{suffix}", getattr(errs, key))
-
-    def _add_term(self, name: str, terms) -> None:
-        self.acc.add(f"{name}/offset", terms.offset)
-        self.acc.add(f"{name}/integrand", terms.values)
-        self.acc.add(f"{name}/gauss", terms.gauss)
-        self.acc.add(f"{name}/nll", terms.integrate(self.quadrature))
-
-    # ----------------------------------------------------------------- state
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        """Every per-example piece evaluated so far, one ``(n_done, ...)`` float64 array per key."""
-        return {key: self.acc.get(key) for key in sorted(self.acc.parts)}
-
-    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Replace the evaluated pieces by ``arrays`` (from :meth:`state_arrays`, possibly of
-        several shards concatenated in index order)."""
-        sizes = {len(v) for v in arrays.values()}
-        if len(sizes) > 1:
-            raise ValueError(f"per-example arrays disagree in length: {sorted(sizes)}")
-        self.acc = _Accumulator({key: [np.asarray(value, dtype=np.float64)] for key, value in arrays.items()})
-        self.next_index = self.index_offset + (sizes.pop() if sizes else 0)
-
+    # ----------------------------------------------------------------- progress
     def identity(self, meta: dict | None = None) -> dict:
-        """What a saved state must match to be resumed: the configuration, the first index, ``meta``."""
-        ident = {"config": self._config_dict(), "index_offset": self.index_offset, "meta": meta or {}}
-        return json.loads(json.dumps(_io._json_safe(ident)))
+        """What a progress folder must match to be continued: the configuration and ``meta``
+        (not the first index nor the number of processes: any process may add any rows)."""
+        return json_identity({"config": self._config_dict(), "meta": meta or {}})
 
-    def save_progress(self, path, meta: dict | None = None) -> None:
-        """Write the per-example pieces and :meth:`identity` to ``path`` (``.npz``, no pickle, atomic)."""
-        header = {"format": PROGRESS_FORMAT, "version": PROGRESS_VERSION, "n_done": self.n_done,
-                  "identity": self.identity(meta)}
-        arrays = {f"part/{key}": value for key, value in self.state_arrays().items()}
-        arrays["meta"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        _io.save_npz_atomic(path, arrays)
-
-    def load_progress(self, path, meta: dict | None = None) -> int:
-        """Restore a state written by :meth:`save_progress`; returns the examples already done.
-
-        Raises ``ValueError`` if it was written for other settings, data or model.
-        """
-        arrays = _io.load_npz(path)
-        header = _io.read_meta(arrays, path, PROGRESS_FORMAT, PROGRESS_VERSION)
-        saved, now = header.get("identity", {}), self.identity(meta)
-        changed = sorted(_differences(saved, now))
-        if changed:
-            raise ValueError(f"{path}: partial evaluation with other settings ({', '.join(changed[:4])} differ); "
-                             "delete it to start over")
-        parts = {key[len("part/"):]: value for key, value in arrays.items() if key.startswith("part/")}
-        self.load_state_arrays(parts)
-        if self.n_done != int(header.get("n_done", -1)):
-            raise ValueError(f"{path}: corrupt partial evaluation (example count does not match)")
+    def attach(self, folder, meta: dict | None = None) -> int:
+        """Use the progress folder ``folder`` (created if new): its rows count as evaluated, and
+        :meth:`save_progress` adds chunks to it.  Returns the rows done from ``index_offset`` on.
+        ``ValueError`` if it holds another evaluation (other settings, data or model)."""
+        store, now = ProgressStore(folder), self.identity(meta)
+        if store.exists():
+            store.check()  # a damaged folder is refused before anything else
+            changed = identity_differences(store.identity(), now)
+            if changed:
+                raise ValueError(f"{folder}: partial evaluation with other settings ({', '.join(changed[:4])} "
+                                 "differ); delete it to start over")
+        else:
+            store.create(now)
+        self.store, self._stored = store, store.ranges()
         return self.n_done
+
+    load_progress = attach
+
+    def save_progress(self) -> None:
+        """Write the rows evaluated since the last save to the progress folder (one chunk each)."""
+        if self.store is None:
+            raise ValueError("no progress folder: call attach(folder) first")
+        while self._held:
+            chunk = self._held[0]
+            self.store.write(chunk)
+            self._stored = sorted(self._stored + [(chunk.first, chunk.stop)])
+            self._held.pop(0)
 
     def run(
         self,
@@ -222,64 +183,64 @@ class Evaluator:
     ) -> None:
         """Evaluate ``batches`` (tensors ``(B, *shape)`` or ``(x, label)`` pairs), in order.
 
-        ``batches`` start at example ``index_offset``; the examples this evaluator already
-        holds (from :meth:`load_progress`) are skipped.  With ``checkpoint`` (a path): if
-        it exists and nothing is held yet, resume from it (it must match, see
-        :meth:`load_progress`); save progress there at
-        least every ``checkpoint_every`` seconds (0: after every batch), on
-        ``KeyboardInterrupt`` and at the end.  Because every example's noise depends only
-        on the seed and its index, a resumed run gives the same numbers.
+        ``batches`` start at example ``index_offset``; rows already evaluated (held, or in the
+        progress folder) are skipped.  With ``checkpoint`` (a folder, see :meth:`attach`):
+        progress is saved there at least every ``checkpoint_every`` seconds (0: after every
+        batch), when the run stops on any error or ``KeyboardInterrupt``, and at the end.
+        ``callback`` gets the rows done from ``index_offset`` to the end of each batch.
         """
         device = next((b.device for b in self.model.buffers()), torch.device("cpu"))
-        if checkpoint is not None and self.n_done == 0 and Path(checkpoint).exists():
-            self.load_progress(checkpoint, checkpoint_meta)
-        done, last_save, seen = self.n_done, time.monotonic(), 0
+        if checkpoint is not None and self.store is None:
+            self.attach(checkpoint, checkpoint_meta)
+        last_save, at = time.monotonic(), self.index_offset
         try:
             for batch in batches:
                 x = _as_tensor(batch)
-                skip = min(max(done - seen, 0), len(x))
-                seen += len(x)
-                if skip == len(x):
-                    continue
-                self.add_batch(x[skip:].to(device))
-                if callback is not None:
-                    callback(self.n_done)
-                if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
-                    self.save_progress(checkpoint, checkpoint_meta)
+                gaps = missing(at, at + len(x), self.covered)
+                for lo, hi in gaps:
+                    self.add_batch(x[lo - at : hi - at].to(device), lo)
+                at += len(x)
+                if gaps and callback is not None:
+                    callback(self.done_in(self.index_offset, at))
+                if gaps and self.store is not None and time.monotonic() - last_save >= checkpoint_every:
+                    self.save_progress()
                     last_save = time.monotonic()
-        except KeyboardInterrupt:
-            if checkpoint is not None and self.n_done:
-                self.save_progress(checkpoint, checkpoint_meta)
-            raise
-        if checkpoint is not None:
-            self.save_progress(checkpoint, checkpoint_meta)
+        finally:
+            if self.store is not None:
+                self.save_progress()
+
+    # ----------------------------------------------------------------- results
+    def _chunks(self, first: int, stop: int):
+        """Every evaluated chunk within ``[first, stop)``, in index order (stored ones read one at a time)."""
+        held = {(c.first, c.stop): c for c in self._held}
+        for lo, hi in sorted(set(held) | set(self._stored)):
+            if hi > first and lo < stop:
+                chunk = held.get((lo, hi)) or self.store.read(lo, hi)
+                yield chunk.rows(first, stop)
 
     def results(self) -> Results:
-        """Combine everything evaluated so far into :class:`Results`."""
-        if self.n_done == 0:
+        """Combine every evaluated row into :class:`Results` (the rows must be contiguous).
+
+        Data-set means are float64 sums of the rows in index order, so they do not depend on
+        how the rows were split into batches or processes.
+        """
+        covered = self.covered
+        if not covered:
             raise ValueError("no examples were evaluated (empty data)")
+        if len(covered) > 1:
+            gaps = missing(covered[0][0], covered[-1][1], covered)
+            raise ValueError(f"evaluation incomplete: rows {gaps[0][0]}-{gaps[0][1]} are missing")
+        first, stop = covered[0]
+        below = (self.logsnr < self.estimator.split).cpu().numpy()
+        rounding = "soft" if self.config.soft else "hard"
+        means = _means(self._chunks(first, stop), below, rounding)
         weights = self.weights.double().cpu().numpy()
-        names = sorted({key.split("/")[0] for key in self.acc.parts if not key.startswith("curve/")},
-                       key=["continuous", "discrete", "dequantized"].index)
-        terms = {name: self._term(name, weights) for name in names}
-        curves = {k.split("/", 1)[1]: self.acc.get(k).mean(0) for k in self.acc.parts if k.startswith("curve/")}
+        terms = _assemble_terms(self._chunks(first, stop), means, below, weights, self.config.per_sample_curves)
+        curves = {k: v for k, v in means.items() if k.startswith("mmse")}
         curves["mmse_gauss_analytic"] = self.model.spectrum.mmse(self.logsnr.double()).cpu().numpy()
         return Results(
             logsnr=self.logsnr.double().cpu().numpy(), weights=weights, shape=self.model.shape,
-            n_examples=self.n_done, config=self._config_dict(), curves=curves, terms=terms,
-        )
-
-    def _term(self, name: str, weights: np.ndarray) -> Term:
-        integrand, gauss = self.acc.get(f"{name}/integrand"), self.acc.get(f"{name}/gauss")
-        offset = self.acc.get(f"{name}/offset")
-        use_model = integrand.mean(0) <= gauss.mean(0)
-        chosen = np.where(use_model, integrand, gauss)
-        keep = self.config.per_sample_curves
-        return Term(
-            offset=offset, integrand_mean=integrand.mean(0), gauss_mean=gauss.mean(0),
-            nll_nats=self.acc.get(f"{name}/nll"), nll_gauss_min=offset + 0.5 * (chosen * weights).sum(-1),
-            integrand=integrand.astype(np.float32) if keep else None,
-            gauss=gauss.astype(np.float32) if keep else None,
+            n_examples=stop - first, config=self._config_dict(), curves=curves, terms=terms,
         )
 
     def _config_dict(self) -> dict:
@@ -297,14 +258,76 @@ class Evaluator:
         }
 
 
-def _differences(saved, now, prefix: str = "") -> list[str]:
-    """Dotted names of the entries where two JSON-like values differ."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        out = []
-        for key in sorted(set(saved) | set(now)):
-            out += _differences(saved.get(key), now.get(key), f"{prefix}{key}.")
-        return out
-    return [] if saved == now else [prefix.rstrip(".") or "value"]
+def _add_term(arrays: dict, name: str, terms, quad) -> None:
+    """Per-example offset and estimate (float64) and integrand (float32) of one term."""
+    arrays[f"{name}/offset"] = _np(terms.offset)
+    arrays[f"{name}/nll"] = _np(terms.integrate(quad))
+    arrays[f"{name}/integrand"] = _np(terms.values, np.float32)
+
+
+def _rows(arrays: dict, below: np.ndarray, rounding: str) -> dict[str, np.ndarray]:
+    """The per-example curves of a chunk (float64) from its stored arrays.
+
+    Stored: each term's integrand and each pass's Gaussian error; the model's raw error is
+    the continuous integrand plus the Gaussian's, the rounded one the discrete integrand plus
+    the Gaussian's below the split (see :mod:`itdiffusion.core.estimators`).
+    """
+    f64 = lambda key: arrays[key].astype(np.float64)  # noqa: E731
+    gauss = f64("data/gauss")
+    out = {"mmse": f64("continuous/integrand") + gauss, "mmse_gauss": gauss}
+    if "discrete/integrand" in arrays:
+        out[f"mmse_{rounding}"] = f64("discrete/integrand") + below * gauss
+        other = "hard" if rounding == "soft" else "soft"
+        out[f"mmse_{other}"] = f64(f"data/{other}")
+        out["discrete_gauss"] = (~below) * gauss
+    if "dequantized/integrand" in arrays:
+        out["mmse_gauss_dequantized"] = f64("dequantized/gauss")
+        out["mmse_dequantized"] = f64("dequantized/integrand") + out["mmse_gauss_dequantized"]
+    for term in TERMS:
+        if f"{term}/integrand" in arrays:
+            out[f"{term}_integrand"] = f64(f"{term}/integrand")
+    return out
+
+
+def _means(chunks, below: np.ndarray, rounding: str) -> dict[str, np.ndarray]:
+    """Means over all rows of every per-example curve, summed row by row in index order."""
+    sums, n = {}, 0
+    for chunk in chunks:
+        for key, rows in _rows(chunk.arrays, below, rounding).items():
+            start = sums.get(key, np.zeros(rows.shape[1]))
+            sums[key] = np.cumsum(np.vstack([start[None], rows]), axis=0)[-1]  # sequential: order-exact
+        n += chunk.stop - chunk.first
+    return {key: value / n for key, value in sums.items()}
+
+
+def _assemble_terms(chunks, means: dict, below: np.ndarray, weights: np.ndarray, keep: bool) -> dict[str, Term]:
+    """Per-example arrays of every term, with the "min with Gaussian" estimate.
+
+    That estimate takes, at every point where the data-set mean integrand exceeds the
+    Gaussian's, the Gaussian's integrand: ``nll + 1/2 sum_{i not used} w_i (gauss_i - integrand_i)``.
+    """
+    names = [t for t in TERMS if f"{t}_integrand" in means]
+    zero = np.zeros_like(weights)
+    gauss_mean = {t: means.get("discrete_gauss", zero) if t == "discrete" else zero for t in names}
+    skip_w = {t: np.where(means[f"{t}_integrand"] <= gauss_mean[t], 0.0, weights) for t in names}
+    parts = {t: {"offset": [], "nll": [], "gmin": [], "integrand": [], "gauss": []} for t in names}
+    for chunk in chunks:
+        a = chunk.arrays
+        discrete_gauss = (~below) * a["data/gauss"].astype(np.float64) if "discrete/integrand" in a else None
+        for t in names:
+            integrand = a[f"{t}/integrand"].astype(np.float64)
+            gauss = discrete_gauss if t == "discrete" else np.zeros_like(integrand)
+            p = parts[t]
+            p["offset"].append(a[f"{t}/offset"])
+            p["nll"].append(a[f"{t}/nll"])
+            p["gmin"].append(a[f"{t}/nll"] + 0.5 * ((gauss - integrand) * skip_w[t]).sum(-1))
+            if keep:
+                p["integrand"].append(a[f"{t}/integrand"])
+                p["gauss"].append(gauss.astype(np.float32))
+    cat = lambda v: np.concatenate(v) if v else None  # noqa: E731
+    return {t: Term(offset=cat(p["offset"]), integrand_mean=means[f"{t}_integrand"], gauss_mean=gauss_mean[t],
+                    nll_nats=cat(p["nll"]), nll_gauss_min=cat(p["gmin"]), integrand=cat(p["integrand"]),
+                    gauss=cat(p["gauss"])) for t, p in parts.items()}
 
 
 def _range(grid: DiscreteGrid, widen: bool = False) -> tuple[float, float]:
@@ -355,11 +378,12 @@ def evaluate(
         batch_size: (example, point) pairs per network call.
         index_offset: index of the first example (for sharding across processes).
         callback: called with the number of examples done after every batch.
-        checkpoint: path of an ``.npz`` file holding partial progress: resumed from when it
-            exists (settings, data order and ``checkpoint_meta`` must match), written at
-            least every ``checkpoint_every`` seconds, on ``KeyboardInterrupt`` and at the
-            end (it is left in place; a second call with it returns at once).  A resumed
-            run gives the same numbers as an uninterrupted one.  See :meth:`Evaluator.run`.
+        checkpoint: a folder holding partial progress (append-only chunks of rows, see
+            :mod:`itdiffusion.evalstate`): continued when it exists (settings, data order and
+            ``checkpoint_meta`` must match), added to at least every ``checkpoint_every``
+            seconds, when the run stops on an error or ``KeyboardInterrupt``, and at the end
+            (it is left in place; a second call with it returns at once).  A resumed run
+            gives the same numbers as an uninterrupted one.  See :meth:`Evaluator.run`.
         checkpoint_meta: JSON-able facts the checkpoint must agree with (e.g. a model hash).
 
     Returns:

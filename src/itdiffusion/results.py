@@ -287,8 +287,17 @@ def _ensemble_term(members: list[Term], weights: np.ndarray) -> Term:
                 nll_nats=np.full_like(offset, np.nan), nll_gauss_min=np.full_like(offset, np.nan),
                 shift=members[0].shift)
     if all(m.has_curves for m in members):
-        per = np.stack([m.integrand for m in members] + [members[0].gauss])  # (M + 1, N, m)
-        term.integrand = np.take_along_axis(per, best[None, None, :].repeat(per.shape[1], 1), 0)[0]
+        per = [m.integrand for m in members] + [members[0].gauss]  # (N, m) each; the Gaussian last
+        term.integrand = np.take_along_axis(np.stack(per), best[None, None, :].repeat(len(offset), 1), 0)[0]
         term.gauss = members[0].gauss
-        term.nll_nats = term.nll_gauss_min = offset + 0.5 * (term.integrand * weights).sum(-1)
+        # Relative to the member chosen most often, whose float64 estimate is exact: only the
+        # points chosen from another curve add their (float32) difference.
+        ref = int(np.bincount(best[best < len(members)], minlength=len(members)).argmax())
+        change = np.zeros_like(offset)
+        for k, curve in enumerate(per):
+            pick = (best == k) & (k != ref)
+            if pick.any():
+                diff = curve[:, pick].astype(np.float64) - per[ref][:, pick].astype(np.float64)
+                change += (diff * weights[pick]).sum(-1)
+        term.nll_nats = term.nll_gauss_min = members[ref].nll_nats + 0.5 * change
     return term

@@ -59,10 +59,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def progress_path(out: Path, world) -> Path:
-    """Where a process keeps its partial progress: beside ``out``."""
-    suffix = ".partial.npz" if not world.distributed else f".partial-{world.rank}-of-{world.size}.npz"
-    return out.with_name(out.stem + suffix)
+def progress_path(out: Path, world=None) -> Path:
+    """The folder of partial progress beside ``out``, shared by every process (any number of them)."""
+    return out.with_name(out.stem + ".partial")
 
 
 def _check_args(args, out: Path) -> None:
@@ -81,6 +80,7 @@ def _check_args(args, out: Path) -> None:
 
 
 def run(args) -> int:
+    from ..evalstate import ProgressStore
     from ..training.distributed import shutdown
     from ._common import start_world
 
@@ -88,8 +88,8 @@ def run(args) -> int:
     _check_args(args, out)
     world, device = start_world(args)
     try:
-        if args.resume and not progress_path(out, world).exists():
-            raise ValueError(f"nothing to resume: no {progress_path(out, world)} (run without --resume to start)")
+        if args.resume and not ProgressStore(progress_path(out)).exists():
+            raise ValueError(f"nothing to resume: no {progress_path(out)} (run without --resume to start)")
         return _evaluate(args, out, world, device)
     finally:
         shutdown(world)
@@ -124,36 +124,38 @@ def _setup(args, world, device):
     part = shard(len(data), world)
     evaluator = Evaluator(model, config, batch_size=args.batch_size, index_offset=part.start)
     step = args.images_per_step or max(1, NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
-    identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "processes": world.size,
-                "dtype": args.dtype}
+    identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "dtype": args.dtype}
     return data, loaded, evaluator, data.x[part.start : part.stop].split(step), identity
 
 
 def _evaluate(args, out: Path, world, device) -> int:
     from tqdm.auto import tqdm
 
-    from ..training.distributed import barrier, gather_rows
+    from ..training.distributed import barrier
     from .. import fileio as _io
+    from ..evalstate import ProgressStore
     from ..evaluation import Evaluator
     from ._common import say
 
     data, loaded, evaluator, batches, identity = _setup(args, world, device)
-    partial = progress_path(out, world)
-    # Temporary files of a killed run (this process owns its progress file; the first process the results).
-    for path in [partial] + ([out, out.with_suffix(".npz")] if world.is_main else []):
-        _io.remove_stale_temps(path)
-    if args.fresh and partial.exists():
-        partial.unlink()
-    if partial.exists():
-        try:
-            evaluator.load_progress(partial, identity)
-        except ValueError as err:
-            raise ValueError(f"{err} (or pass --fresh)") from None
+    partial = progress_path(out)
+    if world.is_main:  # temporary files of a killed run; --fresh discards saved progress
+        for path in (out, out.with_suffix(".npz")):
+            _io.remove_stale_temps(path)
+        if args.fresh:
+            ProgressStore(partial).remove()
+        ProgressStore(partial).remove_stale_temps()
+    barrier(world)
+    try:
+        evaluator.attach(partial, identity)
+    except ValueError as err:
+        raise ValueError(f"{err} (or pass --fresh)") from None
     n_shard = sum(len(b) for b in batches)
+    done = evaluator.done_in(evaluator.index_offset, evaluator.index_offset + n_shard)
     say(world, f"{loaded.label} on {data.source}: {len(data)} images x {args.points} calls"
         f"{' x 2 (dequantized)' if args.dequantize else ''}, {world.size} process(es) on {device.type}"
-        + (f"; resuming after {evaluator.n_done} images" if evaluator.n_done else ""))
-    bar = tqdm(total=n_shard, initial=evaluator.n_done, unit="img", desc="eval", dynamic_ncols=True, smoothing=0.05,
+        + (f"; resuming after {done} images" if done else ""))
+    bar = tqdm(total=n_shard, initial=done, unit="img", desc="eval", dynamic_ncols=True, smoothing=0.05,
                disable=args.quiet or not world.is_main, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     began = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
@@ -167,11 +169,10 @@ def _evaluate(args, out: Path, world, device) -> int:
         bar.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    comm = device if device.type == "cuda" else "cpu"
-    arrays = gather_rows(evaluator.state_arrays(), world, comm)
+    barrier(world)  # every process has saved its rows
     if world.is_main:
         joined = Evaluator(evaluator.model, evaluator.config, batch_size=evaluator.batch_size)
-        joined.load_state_arrays(arrays)
+        joined.attach(partial, identity)
         results = joined.results()
         results.config.update({
             "model": args.label or loaded.label, "model_arg": args.model, "weights": args.weights, "data": args.data,
@@ -182,7 +183,8 @@ def _evaluate(args, out: Path, world, device) -> int:
         print(results.to_markdown(f"{results.config['model']} on {data.source}"), end="")
         print(f"wrote {out} and {out.with_suffix('.npz')}")
     barrier(world)
-    partial.unlink(missing_ok=True)
+    if world.is_main:
+        ProgressStore(partial).remove()
     return 0
 
 

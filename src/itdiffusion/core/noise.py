@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 _MASK = (1 << 64) - 1
-NOISE_BUDGET = 2**24  # elements of noise drawn at once: examples are processed in groups this big
+NOISE_BUDGET = 2**22  # noise elements (of calls x dimensions) handled at once: groups of examples and chunks of points
 
 
 def _splitmix64(value: int) -> int:
@@ -56,6 +56,79 @@ class ExampleNoise:
         return ExampleNoise(grow(self.fractions), grow(self.eps), grow(self.dequant))
 
 
+def point_chunk(n_points: int, d: int, budget: int = NOISE_BUDGET) -> int:
+    """Points of one example whose noise is drawn at once: about ``budget`` elements.
+
+    Depends only on ``(n_points, d)``, never on how examples are grouped, so the draws (and
+    every result) do not depend on batching.  Chunks hold a multiple of 16 elements: torch's
+    CPU normal sampler fills blocks of 16, so a stream drawn in such chunks equals the same
+    stream drawn at once (``tests/test_noise.py`` checks it).
+    """
+    step = 16 // math.gcd(int(d), 16)  # points per 16-element block
+    k = max(step, (budget // max(1, int(d))) // step * step)
+    return min(int(n_points), k)
+
+
+def _chunk_bounds(n_points: int, d: int, budget: int) -> list[tuple[int, int]]:
+    k = point_chunk(n_points, d, budget)
+    bounds = [(s, min(s + k, n_points)) for s in range(0, n_points, k)]
+    if len(bounds) > 1 and (bounds[-1][1] - bounds[-1][0]) * d < 16:  # a tail under 16 elements: merge it
+        bounds[-2:] = [(bounds[-2][0], n_points)]
+    return bounds
+
+
+class NoiseStreams:
+    """The streams of a group of examples, read chunk by chunk in the order of the module docstring.
+
+    Args:
+        seed: run seed; example ``i`` uses ``example_seed(seed, i)``.
+        indices: the examples' indices.
+        n_strata: ``m``, log-SNR points per example.
+        shape: shape of one example.
+        budget: about this many noise elements per example are drawn at once (see :func:`point_chunk`).
+
+    ``fractions`` ``(B, m)`` are drawn at once; :meth:`chunks` then yields the noise of
+    consecutive chunks of points; :meth:`dequant` reads the offsets that follow all the noise
+    (from copies of the generators, skipping the noise in bounded steps).
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int], n_strata: int, shape: tuple[int, ...], *,
+                 dtype: torch.dtype = torch.float32, device="cpu", budget: int = NOISE_BUDGET):
+        self.n_strata, self.shape, self.dtype = int(n_strata), tuple(shape), dtype
+        self.device = torch.device(device)
+        self.d = math.prod(self.shape)
+        self.bounds = _chunk_bounds(self.n_strata, self.d, budget)
+        self._gens = []
+        for index in indices:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(example_seed(seed, index))
+            self._gens.append(gen)
+        self.fractions = torch.stack([torch.rand(self.n_strata, generator=g, dtype=torch.float64, device=self.device)
+                                      for g in self._gens])
+        self._after_fractions = [g.get_state() for g in self._gens]
+
+    def _draw(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        return torch.randn((n, *self.shape), generator=gen, dtype=self.dtype, device=self.device)
+
+    def chunks(self):
+        """``(start, stop, eps (B, stop - start, *shape))`` for consecutive chunks of points (one pass)."""
+        for gen, state in zip(self._gens, self._after_fractions):
+            gen.set_state(state)
+        for start, stop in self.bounds:
+            yield start, stop, torch.stack([self._draw(g, stop - start) for g in self._gens])
+
+    def dequant(self) -> torch.Tensor:
+        """``(B, *shape)`` uniform offsets in ``[-1/2, 1/2)`` that follow the noise in each stream."""
+        out = []
+        for state in self._after_fractions:
+            gen = torch.Generator(device=self.device)
+            gen.set_state(state)
+            for start, stop in self.bounds:
+                self._draw(gen, stop - start)
+            out.append(torch.rand(self.shape, generator=gen, dtype=self.dtype, device=self.device) - 0.5)
+        return torch.stack(out)
+
+
 def draw_example_noise(
     seed: int,
     indices: Sequence[int],
@@ -66,21 +139,11 @@ def draw_example_noise(
     device: torch.device | str = "cpu",
     dequantize: bool = False,
 ) -> ExampleNoise:
-    """Draw each example's stream (see module docstring) on ``device``."""
-    device = torch.device(device)
-    fractions, eps, dequant = [], [], []
-    for index in indices:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(example_seed(seed, index))
-        fractions.append(torch.rand(n_strata, generator=gen, dtype=torch.float64, device=device))
-        eps.append(torch.randn((n_strata, *shape), generator=gen, dtype=dtype, device=device))
-        if dequantize:
-            dequant.append(torch.rand(shape, generator=gen, dtype=dtype, device=device) - 0.5)
-    return ExampleNoise(
-        fractions=torch.stack(fractions),
-        eps=torch.stack(eps),
-        dequant=torch.stack(dequant) if dequantize else None,
-    )
+    """Every example's whole stream at once (see module docstring) on ``device``; the pipeline
+    reads the same streams in bounded chunks through :class:`NoiseStreams`."""
+    streams = NoiseStreams(seed, indices, n_strata, shape, dtype=dtype, device=device)
+    eps = torch.cat([chunk for _, _, chunk in streams.chunks()], 1)
+    return ExampleNoise(streams.fractions, eps, streams.dequant() if dequantize else None)
 
 
 def _chi2_log_pdf(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -161,28 +224,33 @@ class CallLayout:
     def n_strata(self) -> int:
         return -(-self.n_calls // self.group)
 
-    def stratum(self, device=None) -> torch.Tensor:
-        """Point (and noise draw) index of each call, ``(n_calls,)`` long."""
-        return torch.arange(self.n_calls, device=device) // self.group
+    def stratum(self, device=None, first: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Point (and noise draw) index of each call of points ``[first, stop)``, ``(calls,)`` long."""
+        return self.calls(first, stop, device) // self.group
 
-    def call_noise(self, eps: torch.Tensor) -> torch.Tensor:
-        """Noise of every call, ``(B, m, *shape) -> (B, n_calls, *shape)``."""
+    def calls(self, first: int = 0, stop: int | None = None, device=None) -> torch.Tensor:
+        """Indices of the calls at points ``[first, stop)`` (default: all points)."""
+        stop = self.n_strata if stop is None else stop
+        return torch.arange(first * self.group, min(stop * self.group, self.n_calls), device=device)
+
+    def call_noise(self, eps: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Noise of every call at points ``first, first + 1, ...``: ``(B, k, *shape) -> (B, calls, *shape)``."""
         if not self.antithetic:
             return eps  # one call per draw: the noise itself (no copy)
-        idx = self.stratum(eps.device)
+        calls = self.calls(first, first + eps.shape[1], eps.device)
         flat = eps.flatten(2).double()
         r2 = (flat * flat).sum(-1)
         # A zero draw (possible for tiny d) has no direction to mirror along: keep it.
         ratio = torch.where(r2 > 0, torch.sqrt(chi2_antithetic(r2, flat.shape[-1]) / r2), 1.0).to(eps.dtype)
         mirrored = eps * ratio.reshape(*ratio.shape, *([1] * (eps.dim() - 2)))
-        variants = torch.stack([eps, -eps, mirrored, -mirrored], 2)  # (B, m, 4, *shape)
-        calls = torch.arange(self.n_calls, device=eps.device)
-        return variants[:, idx, calls % 4]
+        variants = torch.stack([eps, -eps, mirrored, -mirrored], 2)  # (B, k, 4, *shape)
+        return variants[:, calls // self.group - first, calls % 4]
 
-    def mean_per_stratum(self, values: torch.Tensor) -> torch.Tensor:
-        """Average ``(B, n_calls)`` per-call values over the calls of each point: ``(B, m)``."""
-        idx = self.stratum(values.device)
-        sums = torch.zeros(len(values), self.n_strata, dtype=values.dtype, device=values.device)
-        counts = torch.zeros(self.n_strata, dtype=values.dtype, device=values.device)
+    def mean_per_stratum(self, values: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Average per-call values ``(B, calls)`` of points ``first, ...`` over each point's calls: ``(B, k)``."""
+        k = -(-values.shape[1] // self.group)
+        idx = self.stratum(values.device, first, first + k) - first
+        sums = torch.zeros(len(values), k, dtype=values.dtype, device=values.device)
+        counts = torch.zeros(k, dtype=values.dtype, device=values.device)
         counts.index_add_(0, idx, torch.ones_like(idx, dtype=values.dtype))
         return sums.index_add_(1, idx, values) / counts

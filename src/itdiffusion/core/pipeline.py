@@ -4,8 +4,8 @@ An :class:`Estimator` says where the integral over log-SNR is taken (its proposa
 example's calls are spent (:class:`Sampling`) and what is estimated (continuous ``-log p(x)``
 or the discrete bound, with rounding and clamping).  For a batch of examples it
 
-1. draws every example's own random stream (:func:`itdiffusion.core.noise.draw_example_noise`),
-   in groups small enough for ``NOISE_BUDGET``;
+1. reads every example's own random stream (:class:`itdiffusion.core.noise.NoiseStreams`) in
+   chunks of points, for groups of examples small enough for ``NOISE_BUDGET``;
 2. places the log-SNR points (:class:`~itdiffusion.core.proposal.Quadrature`), per example or
    shared by all;
 3. calls the denoiser on every (example, call) pair and measures the errors
@@ -25,7 +25,7 @@ import torch
 from . import estimators
 from .errors import Denoise, ErrorOptions, Errors, check_rounding, pair_errors
 from .grid import DiscreteGrid
-from .noise import NOISE_BUDGET, CallLayout, ExampleNoise, draw_example_noise
+from .noise import NOISE_BUDGET, CallLayout, NoiseStreams, point_chunk
 from .proposal import Proposal, Quadrature, check_n_points, check_placement, quadrature
 from .spectrum import GaussianSpectrum
 
@@ -149,37 +149,40 @@ class Estimator:
         e.g. for a smooth density plot).
         """
         passes = (self.data_pass(),) if passes is None else tuple(passes)
-        dequantize = any(p.dequantize for p in passes)
-        if dequantize and self.discrete is None:
+        if any(p.dequantize for p in passes) and self.discrete is None:
             raise ValueError("dequantizing needs the data grid (discrete=DiscreteGrid(...))")
-        layout, shape = self.sampling.layout, tuple(x.shape[1:])
-        group = max(1, NOISE_BUDGET // (layout.n_calls * max(1, x[0].numel())))
+        layout, d = self.sampling.layout, max(1, x[0].numel())
+        calls_per_chunk = point_chunk(layout.n_strata, d, NOISE_BUDGET) * layout.group
+        group = max(1, NOISE_BUDGET // (calls_per_chunk * d))
         parts = []
         for start in range(0, len(x), group):
             xb = x[start : start + group]
             first = first_index if same_noise else first_index + start
-            noise = draw_example_noise(seed, range(first, first + (1 if same_noise else len(xb))), layout.n_strata,
-                                       shape, dtype=x.dtype, device=x.device, dequantize=dequantize)
-            if same_noise:
-                noise = noise.expand(len(xb))
-            parts.append(self._measure_group(denoise, spectrum, xb, noise, shared, passes))
+            indices = range(first, first + (1 if same_noise else len(xb)))
+            streams = NoiseStreams(seed, indices, layout.n_strata, tuple(x.shape[1:]), dtype=x.dtype,
+                                   device=x.device, budget=NOISE_BUDGET)
+            parts.append(self._measure_group(denoise, spectrum, xb, streams, shared, passes))
         return _cat(parts, shared)
 
-    def _measure_group(self, denoise, spectrum, x, noise: ExampleNoise, shared, passes) -> Measurement:
+    def _measure_group(self, denoise, spectrum, x, streams: NoiseStreams, shared, passes) -> Measurement:
+        """One group of examples, its noise read in chunks of points (see :class:`NoiseStreams`)."""
+        layout, n = self.sampling.layout, len(x)
+        fractions = streams.fractions.expand(n, -1)
         quad = shared if shared is not None else quadrature(
             self.proposal, self.sampling.n_points, self.sampling.placement,
-            None if self.sampling.placement == "midpoint" else noise.fractions)
+            None if self.sampling.placement == "midpoint" else fractions)
         quad = quad.to(x.device)
-        layout = self.sampling.layout
-        idx = layout.stratum(x.device)
-        call_logsnr = quad.logsnr.expand(len(x), layout.n_strata)[:, idx]
-        call_eps = layout.call_noise(noise.eps)
-        inputs, errors = {}, {}
-        for p in passes:
-            inp = x + self.discrete.delta * noise.dequant if p.dequantize else x
-            errs = pair_errors(denoise, spectrum, inp, call_logsnr, call_eps, p.options)
-            inputs[p.name], errors[p.name] = inp, errs.map(layout.mean_per_stratum)
-        return Measurement(quad, inputs, errors)
+        dequant = streams.dequant().expand(x.shape) if any(p.dequantize for p in passes) else None
+        inputs = {p.name: x + self.discrete.delta * dequant if p.dequantize else x for p in passes}
+        parts = {p.name: [] for p in passes}
+        logsnr = quad.logsnr.expand(n, layout.n_strata)
+        for first, stop, eps in streams.chunks():
+            call_eps = layout.call_noise(eps.expand(n, *eps.shape[1:]), first)
+            call_logsnr = logsnr[:, layout.stratum(x.device, first, stop)]
+            for p in passes:
+                errs = pair_errors(denoise, spectrum, inputs[p.name], call_logsnr, call_eps, p.options)
+                parts[p.name].append(errs.map(lambda t: layout.mean_per_stratum(t, first)))
+        return Measurement(quad, inputs, {name: Errors.cat(v, dim=1) for name, v in parts.items()})
 
     def integrand(self, spectrum: GaussianSpectrum, x: torch.Tensor, errs: Errors, quad: Quadrature,
                   *, discrete: bool | None = None, rounding: str | None = None) -> estimators.Integrand:
