@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 _MASK = (1 << 64) - 1
-NOISE_BUDGET = 2**22  # noise elements (of calls x dimensions) handled at once: groups of examples and chunks of points
+NOISE_BUDGET = 2**20  # noise elements (of calls x dimensions) handled at once: groups of examples and chunks of points
 
 
 def _splitmix64(value: int) -> int:
