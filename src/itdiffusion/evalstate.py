@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from . import fileio as _io
+from .results import Term
 
 FORMAT = "itdiffusion.eval-progress"
 VERSION = 2
+TERMS = ("continuous", "discrete", "discrete_published_min", "dequantized")
 _CHUNK_RE = re.compile(r"^rows-(\d{10})-(\d{10})\.npz$")
 
 
@@ -172,3 +174,85 @@ def identity_differences(saved, now, prefix: str = "") -> list[str]:
 def json_identity(value) -> dict:
     """``value`` as it reads back from JSON (tuples become lists, NaN becomes null)."""
     return json.loads(json.dumps(_io._json_safe(value)))
+
+
+# ============================================================================ rows to estimates
+@dataclass(frozen=True)
+class CurveLayout:
+    """How a chunk's stored arrays give the per-example error curves.
+
+    Stored are each term's integrand and each pass's Gaussian error (``PASS/gauss``), and the
+    rounding the discrete term does not use.  The model's raw error is the continuous
+    integrand plus the Gaussian's error on the same noise (this package's estimators) or plus
+    the Gaussian's mmse curve ``mmse_g`` ``(m,)`` (the published estimators).  ``below``
+    ``(m,)``: the points below the discrete split (where the discrete integrand subtracts the
+    Gaussian's error).
+    """
+
+    below: np.ndarray
+    rounding: str = "hard"
+    mmse_g: np.ndarray | None = None
+
+    def rows(self, arrays: dict) -> dict[str, np.ndarray]:
+        """Per-example curves (float64) of one chunk: ``mmse*`` curves, ``TERM_integrand`` and
+        ``TERM_alt`` (the curve a term's "min with ..." estimate may take instead; zero if absent)."""
+        f64 = lambda key: arrays[key].astype(np.float64)  # noqa: E731
+        gauss, ours = f64("data/gauss"), self.mmse_g is None
+        out = {"mmse": f64("continuous/integrand") + (gauss if ours else self.mmse_g), "mmse_gauss": gauss}
+        if "discrete/integrand" in arrays:
+            other = "hard" if self.rounding == "soft" else "soft"
+            out[f"mmse_{self.rounding}"] = f64("discrete/integrand") + (self.below * gauss if ours else 0.0)
+            out[f"mmse_{other}"] = f64(f"data/{other}")
+            if ours:
+                out["discrete_alt"] = (~self.below) * gauss
+        if "discrete_published_min/integrand" in arrays:
+            out["discrete_published_min_alt"] = f64("discrete/integrand")
+        if "dequantized/integrand" in arrays:
+            deq_gauss = f64("dequantized/gauss")
+            out["mmse_gauss_dequantized"] = deq_gauss
+            out["mmse_dequantized"] = f64("dequantized/integrand") + (deq_gauss if ours else self.mmse_g)
+        for term in TERMS:
+            if f"{term}/integrand" in arrays:
+                out[f"{term}_integrand"] = f64(f"{term}/integrand")
+        return out
+
+
+def chunk_means(chunks, layout: CurveLayout) -> dict[str, np.ndarray]:
+    """Means over all rows of every per-example curve, summed row by row in index order (so
+    they do not depend on how the rows were split into chunks)."""
+    sums, n = {}, 0
+    for chunk in chunks:
+        for key, rows in layout.rows(chunk.arrays).items():
+            start = sums.get(key, np.zeros(rows.shape[1]))
+            sums[key] = np.cumsum(np.vstack([start[None], rows]), axis=0)[-1]
+        n += chunk.stop - chunk.first
+    return {key: value / n for key, value in sums.items()}
+
+
+def assemble_terms(chunks, layout: CurveLayout, means: dict, weights: np.ndarray, keep: bool) -> dict[str, Term]:
+    """Per-example arrays of every term, with its "min with ..." estimate.
+
+    That estimate takes, at every point where the data-set mean integrand exceeds the mean of
+    the term's alternative curve (the Gaussian's, or for ``discrete_published_min`` the
+    rounded curve), the alternative: ``nll + 1/2 sum_{i switched} w_i (alt_i - integrand_i)``.
+    """
+    names = [t for t in TERMS if f"{t}_integrand" in means]
+    alt_mean = {t: means.get(f"{t}_alt", np.zeros_like(weights)) for t in names}
+    skip_w = {t: np.where(means[f"{t}_integrand"] <= alt_mean[t], 0.0, weights) for t in names}
+    parts = {t: {"offset": [], "nll": [], "gmin": [], "integrand": [], "gauss": []} for t in names}
+    for chunk in chunks:
+        a, rows = chunk.arrays, layout.rows(chunk.arrays)
+        for t in names:
+            integrand = rows[f"{t}_integrand"]
+            alt = rows.get(f"{t}_alt", np.zeros_like(integrand))
+            p = parts[t]
+            p["offset"].append(a[f"{t}/offset"])
+            p["nll"].append(a[f"{t}/nll"])
+            p["gmin"].append(a[f"{t}/nll"] + 0.5 * ((alt - integrand) * skip_w[t]).sum(-1))
+            if keep:
+                p["integrand"].append(a[f"{t}/integrand"])
+                p["gauss"].append(alt.astype(np.float32))
+    cat = lambda v: np.concatenate(v) if v else None  # noqa: E731
+    return {t: Term(offset=cat(p["offset"]), integrand_mean=means[f"{t}_integrand"], gauss_mean=alt_mean[t],
+                    nll_nats=cat(p["nll"]), nll_gauss_min=cat(p["gmin"]), integrand=cat(p["integrand"]),
+                    gauss=cat(p["gauss"])) for t, p in parts.items()}

@@ -12,11 +12,14 @@ import torch
 from .core.errors import ErrorOptions, Errors
 from .core.grid import DiscreteGrid
 from .core.pipeline import Pass
-from .evalstate import Chunk, ProgressStore, identity_differences, json_identity, merge_ranges, missing
+from .evalstate import (Chunk, CurveLayout, ProgressStore, assemble_terms, chunk_means, identity_differences,
+                        json_identity, merge_ranges, missing)
 from .model import ITDiffusion
-from .results import Results, Term
+from .protocols import PaperProtocol, standard_errors
+from .results import Results
 
-TERMS = ("continuous", "discrete", "dequantized")
+PROTOCOLS = ("ours", "paper")  # this package's estimators, or the published code's (see itdiffusion.protocols)
+
 
 
 @dataclass
@@ -33,8 +36,11 @@ class EvalConfig:
     seed: int = 0
     clip: float | None = None
     per_sample_curves: bool = False
+    protocol: str = "ours"
 
     def validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {PROTOCOLS}")
         if int(self.n_points) != self.n_points or self.n_points < 1:
             raise ValueError(f"n_points must be a positive integer, got {self.n_points!r}")
         if self.placement not in ("midpoint", "stratified"):
@@ -72,12 +78,16 @@ class Evaluator:
         config.validate()
         self.model, self.config, self.batch_size = model, config, batch_size
         self.index_offset = self.next_index = int(index_offset)
-        self.clip = model.clip if config.clip is None else float(config.clip)
-        self.estimator = model.estimator(
-            config.n_points, discrete=config.discrete, rounding="soft" if config.soft else "hard",
-            placement=config.placement, clip=self.clip, antithetic=config.antithetic, batch_size=batch_size)
+        self.paper = PaperProtocol(model, config, batch_size) if config.protocol == "paper" else None
+        if self.paper is not None:
+            self.clip, self.estimator, self.quadrature = self.paper.clip, self.paper.estimator, self.paper.quadrature
+        else:
+            self.clip = model.clip if config.clip is None else float(config.clip)
+            self.estimator = model.estimator(
+                config.n_points, discrete=config.discrete, rounding="soft" if config.soft else "hard",
+                placement=config.placement, clip=self.clip, antithetic=config.antithetic, batch_size=batch_size)
+            self.quadrature = self.estimator.shared_quadrature(config.seed)
         self.layout = self.estimator.sampling.layout
-        self.quadrature = self.estimator.shared_quadrature(config.seed)
         self.logsnr, self.weights = self.quadrature.logsnr, self.quadrature.weights
         self.store: ProgressStore | None = None
         self._held: list[Chunk] = []  # evaluated rows not (yet) in the store
@@ -115,11 +125,14 @@ class Evaluator:
         model.check_data(x, cfg.discrete)
         measured = est.measure(model, model.spectrum, x, seed=cfg.seed, first_index=first,
                                shared=self.quadrature, passes=self._passes())
+        if self.paper is not None:
+            return Chunk(first, first + len(x), self.paper.chunk_arrays(measured))
         arrays, quad, spec = {}, measured.quadrature, model.spectrum
         for name, errs in measured.errors.items():
             inputs, term = measured.inputs[name], ("continuous" if name == "data" else name)
             arrays[f"{name}/gauss"] = _np(errs.gauss, np.float32)
-            _add_term(arrays, term, est.integrand(spec, inputs, errs, quad, discrete=False), quad)
+            reference = self._dequantized_reference() if name == "dequantized" else spec
+            _add_term(arrays, term, est.integrand(reference, inputs, errs, quad, discrete=False), quad)
             if name == "data" and cfg.discrete is not None:
                 _add_term(arrays, "discrete", est.integrand(spec, inputs, errs, quad), quad)
                 other = "hard" if cfg.soft else "soft"
@@ -129,14 +142,21 @@ class Evaluator:
     def _passes(self) -> tuple[Pass, ...]:
         """The data (with both roundings for discrete data) and, if asked, the dequantized data."""
         cfg = self.config
+        if self.paper is not None:
+            return self.paper.passes()
         if cfg.discrete is None:
             return (Pass("data", False, ErrorOptions(None, (), cfg.clamp, self.batch_size)),)
         passes = [Pass("data", False, ErrorOptions(cfg.discrete, ("hard", "soft"), _range(cfg.discrete),
                                                     self.batch_size))]
         if cfg.dequantize:
             passes.append(Pass("dequantized", True, ErrorOptions(None, (), _range(cfg.discrete, widen=True),
-                                                                 self.batch_size)))
+                                                                 self.batch_size), self._dequantized_reference()))
         return tuple(passes)
+
+    def _dequantized_reference(self):
+        """The Gaussian reference of the dequantized data: every variance at least ``delta^2 / 12``
+        (the variance the uniform offsets add), so pixels that never vary do not make it degenerate."""
+        return self.model.spectrum.with_min_variance(self.config.discrete.delta ** 2 / 12)
 
     # ----------------------------------------------------------------- progress
     def identity(self, meta: dict | None = None) -> dict:
@@ -231,17 +251,24 @@ class Evaluator:
             gaps = missing(covered[0][0], covered[-1][1], covered)
             raise ValueError(f"evaluation incomplete: rows {gaps[0][0]}-{gaps[0][1]} are missing")
         first, stop = covered[0]
-        below = (self.logsnr < self.estimator.split).cpu().numpy()
-        rounding = "soft" if self.config.soft else "hard"
-        means = _means(self._chunks(first, stop), below, rounding)
+        layout = self._curve_layout()
+        means = chunk_means(self._chunks(first, stop), layout)
         weights = self.weights.double().cpu().numpy()
-        terms = _assemble_terms(self._chunks(first, stop), means, below, weights, self.config.per_sample_curves)
+        terms = assemble_terms(self._chunks(first, stop), layout, means, weights, self.config.per_sample_curves)
         curves = {k: v for k, v in means.items() if k.startswith("mmse")}
         curves["mmse_gauss_analytic"] = self.model.spectrum.mmse(self.logsnr.double()).cpu().numpy()
-        return Results(
+        results = Results(
             logsnr=self.logsnr.double().cpu().numpy(), weights=weights, shape=self.model.shape,
             n_examples=stop - first, config=self._config_dict(), curves=curves, terms=terms,
         )
+        if self.paper is not None:
+            results.config["standard_errors"] = standard_errors(results, self.paper.order, self._chunks(first, stop))
+        return results
+
+    def _curve_layout(self) -> CurveLayout:
+        below = (self.logsnr < self.estimator.split).cpu().numpy()
+        mmse_g = None if self.paper is None else self.paper.mmse_g()
+        return CurveLayout(below=below, rounding="soft" if self.config.soft else "hard", mmse_g=mmse_g)
 
     def _config_dict(self) -> dict:
         cfg, model = self.config, self.model
@@ -254,7 +281,9 @@ class Evaluator:
             "clamp": list(cfg.clamp) if cfg.clamp else None,
             "grid": None if grid is None else {"lo": grid.lo, "hi": grid.hi, "levels": grid.levels, "delta": grid.delta},
             "calls_per_example": self.layout.n_calls * (2 if cfg.dequantize else 1),
-            "gaussian_entropy_nats": model.spectrum.entropy(),
+            "gaussian_entropy_nats": model.spectrum.entropy(), "protocol": cfg.protocol,
+            "dequantized_reference": None if not cfg.dequantize else "eigenvalues floored at delta^2/12",
+            **({} if self.paper is None else self.paper.config_dict()),
         }
 
 
@@ -263,71 +292,6 @@ def _add_term(arrays: dict, name: str, terms, quad) -> None:
     arrays[f"{name}/offset"] = _np(terms.offset)
     arrays[f"{name}/nll"] = _np(terms.integrate(quad))
     arrays[f"{name}/integrand"] = _np(terms.values, np.float32)
-
-
-def _rows(arrays: dict, below: np.ndarray, rounding: str) -> dict[str, np.ndarray]:
-    """The per-example curves of a chunk (float64) from its stored arrays.
-
-    Stored: each term's integrand and each pass's Gaussian error; the model's raw error is
-    the continuous integrand plus the Gaussian's, the rounded one the discrete integrand plus
-    the Gaussian's below the split (see :mod:`itdiffusion.core.estimators`).
-    """
-    f64 = lambda key: arrays[key].astype(np.float64)  # noqa: E731
-    gauss = f64("data/gauss")
-    out = {"mmse": f64("continuous/integrand") + gauss, "mmse_gauss": gauss}
-    if "discrete/integrand" in arrays:
-        out[f"mmse_{rounding}"] = f64("discrete/integrand") + below * gauss
-        other = "hard" if rounding == "soft" else "soft"
-        out[f"mmse_{other}"] = f64(f"data/{other}")
-        out["discrete_gauss"] = (~below) * gauss
-    if "dequantized/integrand" in arrays:
-        out["mmse_gauss_dequantized"] = f64("dequantized/gauss")
-        out["mmse_dequantized"] = f64("dequantized/integrand") + out["mmse_gauss_dequantized"]
-    for term in TERMS:
-        if f"{term}/integrand" in arrays:
-            out[f"{term}_integrand"] = f64(f"{term}/integrand")
-    return out
-
-
-def _means(chunks, below: np.ndarray, rounding: str) -> dict[str, np.ndarray]:
-    """Means over all rows of every per-example curve, summed row by row in index order."""
-    sums, n = {}, 0
-    for chunk in chunks:
-        for key, rows in _rows(chunk.arrays, below, rounding).items():
-            start = sums.get(key, np.zeros(rows.shape[1]))
-            sums[key] = np.cumsum(np.vstack([start[None], rows]), axis=0)[-1]  # sequential: order-exact
-        n += chunk.stop - chunk.first
-    return {key: value / n for key, value in sums.items()}
-
-
-def _assemble_terms(chunks, means: dict, below: np.ndarray, weights: np.ndarray, keep: bool) -> dict[str, Term]:
-    """Per-example arrays of every term, with the "min with Gaussian" estimate.
-
-    That estimate takes, at every point where the data-set mean integrand exceeds the
-    Gaussian's, the Gaussian's integrand: ``nll + 1/2 sum_{i not used} w_i (gauss_i - integrand_i)``.
-    """
-    names = [t for t in TERMS if f"{t}_integrand" in means]
-    zero = np.zeros_like(weights)
-    gauss_mean = {t: means.get("discrete_gauss", zero) if t == "discrete" else zero for t in names}
-    skip_w = {t: np.where(means[f"{t}_integrand"] <= gauss_mean[t], 0.0, weights) for t in names}
-    parts = {t: {"offset": [], "nll": [], "gmin": [], "integrand": [], "gauss": []} for t in names}
-    for chunk in chunks:
-        a = chunk.arrays
-        discrete_gauss = (~below) * a["data/gauss"].astype(np.float64) if "discrete/integrand" in a else None
-        for t in names:
-            integrand = a[f"{t}/integrand"].astype(np.float64)
-            gauss = discrete_gauss if t == "discrete" else np.zeros_like(integrand)
-            p = parts[t]
-            p["offset"].append(a[f"{t}/offset"])
-            p["nll"].append(a[f"{t}/nll"])
-            p["gmin"].append(a[f"{t}/nll"] + 0.5 * ((gauss - integrand) * skip_w[t]).sum(-1))
-            if keep:
-                p["integrand"].append(a[f"{t}/integrand"])
-                p["gauss"].append(gauss.astype(np.float32))
-    cat = lambda v: np.concatenate(v) if v else None  # noqa: E731
-    return {t: Term(offset=cat(p["offset"]), integrand_mean=means[f"{t}_integrand"], gauss_mean=gauss_mean[t],
-                    nll_nats=cat(p["nll"]), nll_gauss_min=cat(p["gmin"]), integrand=cat(p["integrand"]),
-                    gauss=cat(p["gauss"])) for t, p in parts.items()}
 
 
 def _range(grid: DiscreteGrid, widen: bool = False) -> tuple[float, float]:
@@ -349,6 +313,7 @@ def evaluate(
     seed: int = 0,
     clip: float | None = None,
     per_sample_curves: bool = False,
+    protocol: str = "ours",
     batch_size: int | None = None,
     index_offset: int = 0,
     callback: Callable[[int], None] | None = None,
@@ -375,6 +340,10 @@ def evaluate(
         clamp: interval to clamp ``x_hat`` into for continuous data.
         per_sample_curves: keep ``(N, m)`` per-example integrands in the results (needed for
             standard errors of ensembles).
+        protocol: ``"ours"`` (this package's estimators) or ``"paper"``: the published code's
+            test protocol (its shared iid points from ``seed``, clip 4, its estimators, tails and
+            soft-rounding kernel), with an honest standard error beside the published one (see
+            :mod:`itdiffusion.protocols`); ``placement`` and ``antithetic`` are then unused.
         batch_size: (example, point) pairs per network call.
         index_offset: index of the first example (for sharding across processes).
         callback: called with the number of examples done after every batch.
@@ -390,7 +359,8 @@ def evaluate(
         :class:`Results`.
     """
     config = EvalConfig(n_points=n_points, discrete=discrete, soft=soft, dequantize=dequantize, clamp=clamp,
-                        placement=placement, antithetic=antithetic, seed=seed, clip=clip, per_sample_curves=per_sample_curves)
+                        placement=placement, antithetic=antithetic, seed=seed, clip=clip, per_sample_curves=per_sample_curves,
+                        protocol=protocol)
     evaluator = Evaluator(model, config, batch_size=batch_size, index_offset=index_offset)
     evaluator.run(batches, callback=callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                   checkpoint_meta=checkpoint_meta)

@@ -16,7 +16,8 @@ from .tables import Table, number, tex_escape, with_se
 
 FORMAT = "itdiffusion.results"
 VERSION = 2  # version 1 named the per-example arrays nll / nll_clamped and the estimates *_clamped
-GAUSS_MIN = "_gauss_min"  # suffix of estimates whose curve is the per-point minimum with the Gaussian's
+GAUSS_MIN = "_gauss_min"
+MIN_ONLY = ("discrete_published_min",)  # terms whose only estimate is the per-point minimum of two curves  # suffix of estimates whose curve is the per-point minimum with the Gaussian's
 
 # Row order and labels of tables.
 ESTIMATE_LABELS = {
@@ -24,6 +25,7 @@ ESTIMATE_LABELS = {
     "continuous_gauss_min": "Continuous, min with Gaussian",
     "discrete": "Discrete -log P(x) (upper bound)",
     "discrete_gauss_min": "Discrete, min with Gaussian",
+    "discrete_published_min": "Discrete, min of raw and rounded mean curves (published)",
     "dequantized": "Dequantized -log p(x+u)",
     "dequantized_gauss_min": "Dequantized, min with Gaussian",
     "dequantized_discrete": "Dequantized, discrete limit",
@@ -125,15 +127,22 @@ class Results:
     @property
     def estimates(self) -> dict[str, Estimate]:
         """Every estimate, in table order (see ``ESTIMATE_LABELS``)."""
-        out = {}
+        out, plain_only = {}, set(self.config.get("no_gauss_min", ()))
         for name, term in self.terms.items():
+            if name in MIN_ONLY:
+                out[name] = self._estimate(term, gauss_min=True)
+                continue
             out[name] = self._estimate(term, gauss_min=False)
-            out[name + GAUSS_MIN] = self._estimate(term, gauss_min=True)
+            if name not in plain_only:
+                out[name + GAUSS_MIN] = self._estimate(term, gauss_min=True)
         if "dequantized" in self.terms:
             shift = -self.d * math.log(self.config["grid"]["delta"])
             for suffix in ("", GAUSS_MIN):
                 est = out["dequantized" + suffix]
                 out["dequantized_discrete" + suffix] = replace(est, nats=est.nats + shift)
+        honest = (self.config.get("standard_errors") or {}).get("values", {})
+        out = {k: replace(v, se_nats=honest.get(k.replace("_discrete", "") if k.startswith("dequantized") else k,
+                                                  v.se_nats)) for k, v in out.items()}
         return {k: out[k] for k in ESTIMATE_LABELS if k in out}
 
     def _estimate(self, term: Term, gauss_min: bool) -> Estimate:

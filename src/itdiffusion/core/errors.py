@@ -8,7 +8,7 @@ and (no network) the Gaussian denoiser's error on the same noise, the control va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -93,12 +93,16 @@ class ErrorOptions:
         clamp: ``(lo, hi)`` to clamp ``x_hat`` into before the raw error (valid when the data
             lie in that interval: projecting can only move ``x_hat`` closer).
         batch_size: call the network on at most this many pairs at a time.
+        soft_variance: the error variance of ``x_hat`` that soft rounding assumes:
+            ``"gaussian"`` (the Gaussian denoiser's, :func:`soft_rounding_variance`) or
+            ``"channel"`` (``sigmoid(-a) = 1 / (1 + e^a)``, the published code's kernel).
     """
 
     discrete: DiscreteGrid | None = None
     roundings: tuple[str, ...] = ()
     clamp: tuple[float, float] | None = None
     batch_size: int | None = None
+    soft_variance: str = "gaussian"
 
     def __post_init__(self):
         for rounding in self.roundings:
@@ -108,6 +112,8 @@ class ErrorOptions:
             raise ValueError("rounding needs a DiscreteGrid (discrete=...)")
         check_batch_size(self.batch_size)
         object.__setattr__(self, "clamp", check_clamp(self.clamp))
+        if self.soft_variance not in ("gaussian", "channel"):
+            raise ValueError(f"soft_variance must be 'gaussian' or 'channel', got {self.soft_variance!r}")
 
 
 def denoise_checked(denoise: Denoise, z: torch.Tensor, logsnr: torch.Tensor, batch_size: int | None) -> torch.Tensor:
@@ -182,7 +188,9 @@ def _rounded_errors(spectrum, options: ErrorOptions, x, x_hat, logsnr, a):
     if "hard" in options.roundings:
         hard = (scale * (k_x - grid.round_index(x_hat)) ** 2).flatten(1).sum(1)
     if "soft" in options.roundings:
-        k_soft = grid.soft_round_index(x_hat, logsnr, noise_var=soft_rounding_variance(spectrum, logsnr))
+        var = soft_rounding_variance(spectrum, logsnr) if options.soft_variance == "gaussian" else \
+            torch.sigmoid(-logsnr.double().reshape(-1))
+        k_soft = grid.soft_round_index(x_hat, logsnr, noise_var=var)
         soft = (scale * (k_x - k_soft) ** 2).flatten(1).sum(1)
     return hard, soft
 
@@ -217,7 +225,7 @@ def pair_errors(
     # The network sees batch_size pairs at a time; the error arithmetic runs on chunks of
     # whole network batches holding about _ERROR_CHUNK elements (fewer, larger operations).
     net_batch = len(logsnr) if options.batch_size is None else int(options.batch_size)
-    options = ErrorOptions(options.discrete, options.roundings, options.clamp, net_batch)
+    options = replace(options, batch_size=net_batch)
     step = max(1, _ERROR_CHUNK.get(x.device.type, _ERROR_CHUNK_OTHER) // (d * net_batch)) * net_batch
     parts = [
         call_errors(denoise, spectrum, pairs_x[i : i + step], logsnr[i : i + step], pairs_eps[i : i + step], options,

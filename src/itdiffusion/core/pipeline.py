@@ -62,11 +62,14 @@ class Pass:
     """One input the denoiser is called on, with the noise and points shared by all passes.
 
     ``dequantize``: the data plus the example's uniform offset times the grid step.
+    ``spectrum``: the Gaussian reference of this pass's control variate (default: the one
+    given to :meth:`Estimator.measure`).
     """
 
     name: str = "data"
     dequantize: bool = False
     options: ErrorOptions = field(default_factory=ErrorOptions)
+    spectrum: GaussianSpectrum | None = None
 
 
 @dataclass
@@ -180,7 +183,7 @@ class Estimator:
             call_eps = layout.call_noise(eps.expand(n, *eps.shape[1:]), first)
             call_logsnr = logsnr[:, layout.stratum(x.device, first, stop)]
             for p in passes:
-                errs = pair_errors(denoise, spectrum, inputs[p.name], call_logsnr, call_eps, p.options)
+                errs = pair_errors(denoise, p.spectrum or spectrum, inputs[p.name], call_logsnr, call_eps, p.options)
                 parts[p.name].append(errs.map(lambda t: layout.mean_per_stratum(t, first)))
         return Measurement(quad, inputs, {name: Errors.cat(v, dim=1) for name, v in parts.items()})
 

@@ -142,6 +142,16 @@ class GaussianSpectrum:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return GaussianSpectrum(move(self.mean), move(self.eigvecs), move(self.log_eigs), self.shape)
 
+    def with_min_variance(self, variance: float) -> "GaussianSpectrum":
+        """The same Gaussian with every eigenvalue raised to at least ``variance``.
+
+        For dequantized data ``x + u`` (``u`` uniform of width ``delta``) a floor of
+        ``delta^2 / 12`` keeps the reference non-degenerate where the data never vary (any
+        Gaussian reference is valid; a degenerate one makes the estimate's variance explode).
+        """
+        floor = math.log(float(variance))
+        return GaussianSpectrum(self.mean, self.eigvecs, self.log_eigs.clamp_min(floor), self.shape)
+
     # ----------------------------------------------------------------- scalars
     @property
     def d(self) -> int:

@@ -1,0 +1,85 @@
+"""Evaluation at data-set scale: peak memory, wall time and time spent saving progress.
+
+``itd.evaluate(model, batches, n_points, checkpoint=folder, checkpoint_every=0.0,
+per_sample_curves=True)`` on a cheap exact denoiser (a 16-dimensional Gaussian mixture), for
+(1k, 10k, 50k) examples x (100, 1000) points.  Each configuration runs in a fresh process, so
+its peak resident memory (``ru_maxrss``, which includes the ~220 MB of importing torch) is
+its own; saving time is measured around every write of a chunk of rows.
+
+    python benchmarks/scale.py            # the full table (about 20 minutes on 2 CPU cores)
+    python benchmarks/scale.py --quick    # 1k and 10k examples x 100 points
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time, tempfile
+from pathlib import Path
+import torch
+import itdiffusion as itd
+from itdiffusion import evalstate
+
+torch.set_num_threads(1)
+n, points = int(sys.argv[1]), int(sys.argv[2])
+gen = torch.Generator().manual_seed(0)
+means = torch.randn(5, 16, generator=gen, dtype=torch.float64) * 1.5
+mix = itd.GaussianMixture(means, torch.rand(5, generator=gen, dtype=torch.float64) + 0.3)
+model = itd.ITDiffusion(mix, itd.GaussianSpectrum.from_data(mix.sample(5000, gen)))
+saving = [0.0]
+write = evalstate.ProgressStore.write
+def timed_write(self, chunk):
+    began = time.perf_counter()
+    write(self, chunk)
+    saving[0] += time.perf_counter() - began
+evalstate.ProgressStore.write = timed_write
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    for i in range(0, n, 500):
+        yield mix.sample(min(500, n - i), g).float()
+
+with tempfile.TemporaryDirectory() as tmp:
+    began = time.perf_counter()
+    res = itd.evaluate(model, batches(), n_points=points, checkpoint=tmp + "/progress", checkpoint_every=0.0,
+                       per_sample_curves=True)
+    seconds = time.perf_counter() - began
+    size = sum(p.stat().st_size for p in Path(tmp, "progress").iterdir())
+print(json.dumps({"examples": n, "points": points, "seconds": seconds, "saving_s": saving[0],
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "progress_mib": size / 2**20, "nats": res["continuous"].nats}))
+"""
+
+
+def run(n: int, points: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(n), str(points)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1k and 10k examples x 100 points only")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 50_000)
+    grid = [(n, p) for p in ((100,) if args.quick else (100, 1000)) for n in sizes]
+    rows = []
+    print("| examples x points | peak memory (MB) | wall time (s) | saving (% of time) | progress folder (MiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for n, points in grid:
+        row = run(n, points)
+        rows.append(row)
+        print(f"| {n:,} x {points:,} | {row['peak_mb']:.0f} | {row['seconds']:.1f} | "
+              f"{100 * row['saving_s'] / row['seconds']:.2f} | {row['progress_mib']:.1f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
