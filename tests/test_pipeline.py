@@ -264,3 +264,19 @@ def test_spectrum_command(tmp_path, capsys):
     deq, plain = GaussianSpectrum.load(tmp_path / "dq.npz"), GaussianSpectrum.from_data(load_data("digits").x)
     # delta^2 / 12 is added to every eigenvalue (before the floor that keeps constant pixels finite)
     torch.testing.assert_close(deq.log_eigs.exp(), plain.log_eigs.exp() + 0.125**2 / 12, atol=1e-5, rtol=1e-6)
+
+
+def test_eval_protocol_paper_through_the_cli(pipeline):
+    root, spectrum, run = pipeline["root"], pipeline["spectrum"], pipeline["run"]
+    paper, ours = root / "paper.json", root / "ours.json"
+    _eval(run, spectrum, paper, "--points", "16", "--limit", "8", "--dequantize", "--soft-round",
+          "--protocol", "paper")
+    _eval(run, spectrum, ours, "--points", "16", "--limit", "8", "--dequantize", "--soft-round")
+    got, base = Results.load(paper), Results.load(ours)
+    assert got.config["protocol"] == "paper" and got.config["clip"] == 4.0
+    assert base.config["protocol"] == "ours" and base.config["clip"] != 4.0
+    assert got.config["standard_errors"]["published"]["discrete"] > 0
+    estimates = got.estimates
+    assert "discrete_published_min" in estimates and "discrete_gauss_min" not in estimates
+    assert estimates["discrete_published_min"].nats <= estimates["discrete"].nats + 1e-9
+    assert not np.allclose(got.logsnr, base.logsnr)  # the published iid points, not the midpoint rule

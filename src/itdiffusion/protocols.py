@@ -154,7 +154,8 @@ def standard_errors(results, order: torch.Tensor, chunks) -> dict:
     groups = (order.cpu().numpy() % GROUPS)
     honest, published = {}, _published_variances(results, chunks)
     for name, term in results.terms.items():
-        variants = (("", True),) if name == "discrete_published_min" else (("", False), ("_gauss_min", True))
+        variants = (("", True),) if name == "discrete_published_min" else \
+            (("", False),) if name == "discrete" else (("", False), ("_gauss_min", True))
         for suffix, gauss_min in variants:
             curve = np.minimum(term.integrand_mean, term.gauss_mean) if gauss_min else term.integrand_mean
             per_group = [term.offset.mean() + term.shift + 0.5 * (results.weights * curve)[groups == g].sum()

@@ -17,7 +17,7 @@ from .tables import Table, number, tex_escape, with_se
 FORMAT = "itdiffusion.results"
 VERSION = 2  # version 1 named the per-example arrays nll / nll_clamped and the estimates *_clamped
 GAUSS_MIN = "_gauss_min"
-MIN_ONLY = ("discrete_published_min",)  # terms whose only estimate is the per-point minimum of two curves  # suffix of estimates whose curve is the per-point minimum with the Gaussian's
+MIN_ONLY = ("discrete_published_min",)  # terms whose only estimate is the per-point minimum of two curves
 
 # Row order and labels of tables.
 ESTIMATE_LABELS = {

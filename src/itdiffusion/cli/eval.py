@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                    "10; the paper used 4)")
     p.add_argument("--placement", choices=["midpoint", "stratified"], default="midpoint", help="placement of the "
                    "shared log-SNR points: the midpoint rule of the proposal, or one stratified draw from --seed")
+    p.add_argument("--protocol", choices=["ours", "paper"], default="ours", help="'ours': this package's "
+                   "estimators; 'paper': the published code's test protocol (its shared points from --seed, clip 4 "
+                   "unless --clip, its soft rounding, tails and headline discrete figure; see docs/protocols.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the --limit draw)")
     p.add_argument("--limit", type=positive_int, help="evaluate this many images, drawn at random by --seed")
     p.add_argument("--batch-size", type=positive_int, default=256, help="(image, point) pairs per network call")
@@ -120,7 +123,8 @@ def _setup(args, world, device):
     denoiser = optimize_denoiser(loaded.denoiser.to(device), options)
     model = ITDiffusion(denoiser, spectrum, **kwargs).to(device).eval()
     config = EvalConfig(n_points=args.points, discrete=data.grid, soft=args.soft_round, dequantize=args.dequantize,
-                        placement=args.placement, seed=args.seed, per_sample_curves=args.per_sample_curves)
+                        placement=args.placement, seed=args.seed, per_sample_curves=args.per_sample_curves,
+                        clip=args.clip, protocol=args.protocol)
     part = shard(len(data), world)
     evaluator = Evaluator(model, config, batch_size=args.batch_size, index_offset=part.start)
     step = args.images_per_step or max(1, NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
