@@ -5,7 +5,8 @@ copied from it.  Per batch of images and for each log-SNR point in turn:
 
 1. plain error: draw noise, one network call, ``||eps - eps_hat||^2``;
 2. rounded error: draw *fresh* noise, a second call, soft-round ``x_hat`` with a softmax
-   over **all** grid levels (a ``(levels, batch, d)`` tensor), ``e^a ||x - x_soft||^2``;
+   over **all** grid levels (a ``(levels, batch, d)`` tensor) whose kernel has the published
+   variance ``1 / (1 + e^a) = sigmoid(-a)``, ``e^a ||x - x_soft||^2``;
 3. dequantized error: draw fresh noise on ``x + u`` (uniform dequantization), a third call.
 
 Continuous and dequantized integrals use the analytic Gaussian mmse as baseline (no control
@@ -22,10 +23,11 @@ from itdiffusion.core.channel import add_noise, x_from_eps
 
 
 def dense_soft_round(x_hat: torch.Tensor, logsnr: float, grid) -> torch.Tensor:
-    """Posterior mean over all levels: softmax over a ``(levels, *x_hat.shape)`` tensor."""
+    """Posterior mean over all levels: softmax over a ``(levels, *x_hat.shape)`` tensor, with the
+    published kernel ``exp(-(x_hat - v)^2 (1 + e^a) / 2)`` (variance ``sigmoid(-a)``)."""
     values = grid.lo + grid.delta * torch.arange(grid.levels, dtype=x_hat.dtype, device=x_hat.device)
     values = values.reshape(-1, *([1] * x_hat.dim()))
-    logits = -0.5 * math.exp(logsnr) * (x_hat.unsqueeze(0) - values) ** 2
+    logits = -0.5 * (1.0 + math.exp(logsnr)) * (x_hat.unsqueeze(0) - values) ** 2
     return (torch.softmax(logits, dim=0) * values).sum(0)
 
 

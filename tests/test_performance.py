@@ -323,8 +323,10 @@ def test_published_loop_reimplementation_estimates_the_same_quantities():
     grid = itd.DiscreteGrid(-1.0, 1.0, 17)
     gen = torch.Generator().manual_seed(6)
     x_hat = torch.randn(3, 10, generator=gen)
+    published_var = torch.full((3,), 1.0 / (1.0 + math.exp(2.0)))  # sigmoid(-a), the published kernel
     assert torch.allclose(loop.dense_soft_round(x_hat, 2.0, grid),
-                          grid.soft_round(x_hat, torch.full((3,), 2.0)), atol=1e-5)
+                          grid.value(grid.soft_round_index(x_hat, torch.full((3,), 2.0), noise_var=published_var)).float(),
+                          atol=1e-5)
     # With the exact denoiser of Gaussian data, the continuous estimate is -log N(x) on average.
     spec = itd.GaussianSpectrum.isotropic((8,), variance=0.2)
     model = itd.ITDiffusion(spec, spec, clip=6.0)

@@ -280,3 +280,26 @@ def test_eval_protocol_paper_through_the_cli(pipeline):
     assert "discrete_published_min" in estimates and "discrete_gauss_min" not in estimates
     assert estimates["discrete_published_min"].nats <= estimates["discrete"].nats + 1e-9
     assert not np.allclose(got.logsnr, base.logsnr)  # the published iid points, not the midpoint rule
+
+
+def test_report_layout_paper(pipeline, tmp_path):
+    root, spectrum, run = pipeline["root"], pipeline["spectrum"], pipeline["run"]
+    paper = root / "paper.json"
+    if not paper.exists():
+        _eval(run, spectrum, paper, "--points", "16", "--limit", "8", "--dequantize", "--soft-round",
+              "--protocol", "paper")
+    bounds = tmp_path / "vlb.json"
+    bounds.write_text(json.dumps({"discrete": True, "methods": {"vlb": {"bpd": 3.25, "se_bpd": 0.125}}}))
+    out = tmp_path / "report"
+    assert main(["report", str(paper), "--layout", "paper", "--bounds", str(bounds), "--names", "tuned",
+                 "--out", str(out)]) == 0
+    text = (out / "table_paper.md").read_text()
+    measured, published = text.split("Published figures")
+    est = Results.load(paper).estimates
+    assert f"{est['discrete_published_min'].bpd:.4f}" in measured and "3.2500 ± 0.1250" in measured
+    assert "IT fine-tuned" in measured and "3.68" not in measured and "3.68" in published
+    assert (out / "table_paper.tex").read_text().startswith("\\begin{table}")
+    # a bad bounds file is refused before anything is written
+    bad = tmp_path / "bad"
+    assert main(["report", str(paper), "--layout", "paper", "--bounds", str(paper), "--out", str(bad)]) == 2
+    assert not bad.exists()

@@ -37,6 +37,8 @@ class EvalConfig:
     clip: float | None = None
     per_sample_curves: bool = False
     protocol: str = "ours"
+    soft_variance: str = "gaussian"  # "channel": the published soft-rounding kernel, variance sigmoid(-a)
+    clamp_dequantized: bool = True  # project the dequantized pass's x_hat onto [lo - delta/2, hi + delta/2]
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -48,6 +50,8 @@ class EvalConfig:
                              f"'stratified', got {self.placement!r}")
         if self.dequantize and self.discrete is None:
             raise ValueError("dequantize=True needs the data grid (discrete=DiscreteGrid(...))")
+        if self.soft_variance not in ("gaussian", "channel"):
+            raise ValueError(f"soft_variance must be 'gaussian' or 'channel', got {self.soft_variance!r}")
         if self.soft and self.discrete is None:
             raise ValueError("soft rounding needs the data grid (discrete=DiscreteGrid(...))")
 
@@ -147,10 +151,11 @@ class Evaluator:
         if cfg.discrete is None:
             return (Pass("data", False, ErrorOptions(None, (), cfg.clamp, self.batch_size)),)
         passes = [Pass("data", False, ErrorOptions(cfg.discrete, ("hard", "soft"), _range(cfg.discrete),
-                                                    self.batch_size))]
+                                                    self.batch_size, soft_variance=cfg.soft_variance))]
         if cfg.dequantize:
-            passes.append(Pass("dequantized", True, ErrorOptions(None, (), _range(cfg.discrete, widen=True),
-                                                                 self.batch_size), self._dequantized_reference()))
+            clamp = _range(cfg.discrete, widen=True) if cfg.clamp_dequantized else None
+            passes.append(Pass("dequantized", True, ErrorOptions(None, (), clamp, self.batch_size),
+                               self._dequantized_reference()))
         return tuple(passes)
 
     def _dequantized_reference(self):
@@ -283,6 +288,7 @@ class Evaluator:
             "calls_per_example": self.layout.n_calls * (2 if cfg.dequantize else 1),
             "gaussian_entropy_nats": model.spectrum.entropy(), "protocol": cfg.protocol,
             "dequantized_reference": None if not cfg.dequantize else "eigenvalues floored at delta^2/12",
+            "soft_variance": cfg.soft_variance, "clamp_dequantized": cfg.clamp_dequantized and cfg.dequantize,
             **({} if self.paper is None else self.paper.config_dict()),
         }
 
@@ -314,6 +320,8 @@ def evaluate(
     clip: float | None = None,
     per_sample_curves: bool = False,
     protocol: str = "ours",
+    soft_variance: str = "gaussian",
+    clamp_dequantized: bool = True,
     batch_size: int | None = None,
     index_offset: int = 0,
     callback: Callable[[int], None] | None = None,
@@ -344,6 +352,11 @@ def evaluate(
             test protocol (its shared iid points from ``seed``, clip 4, its estimators, tails and
             soft-rounding kernel), with an honest standard error beside the published one (see
             :mod:`itdiffusion.protocols`); ``placement`` and ``antithetic`` are then unused.
+        soft_variance: the error variance soft rounding assumes for ``x_hat``: ``"gaussian"``
+            (the Gaussian denoiser's, ``e^-a mmse_g(a) / d``) or ``"channel"`` (``sigmoid(-a)``,
+            the published code's kernel).
+        clamp_dequantized: project the dequantized pass's ``x_hat`` onto the grid's range widened
+            by half a step (a better denoiser, still a valid estimate; the published code does not).
         batch_size: (example, point) pairs per network call.
         index_offset: index of the first example (for sharding across processes).
         callback: called with the number of examples done after every batch.
@@ -360,7 +373,7 @@ def evaluate(
     """
     config = EvalConfig(n_points=n_points, discrete=discrete, soft=soft, dequantize=dequantize, clamp=clamp,
                         placement=placement, antithetic=antithetic, seed=seed, clip=clip, per_sample_curves=per_sample_curves,
-                        protocol=protocol)
+                        protocol=protocol, soft_variance=soft_variance, clamp_dequantized=clamp_dequantized)
     evaluator = Evaluator(model, config, batch_size=batch_size, index_offset=index_offset)
     evaluator.run(batches, callback=callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                   checkpoint_meta=checkpoint_meta)

@@ -19,6 +19,11 @@ def add_parser(sub) -> None:
     p.add_argument("--runs", nargs="+", default=[], metavar="RUN", help="run directories of itd finetune "
                    "(loss curves)")
     p.add_argument("--names", help="comma-separated row names, one per results file (default: their model names)")
+    p.add_argument("--layout", choices=["standard", "paper"], default="standard", help="'paper': also write "
+                   "table_paper.md/.tex laid out as the paper's table (variational and IT bounds; the paper's "
+                   "published CIFAR-10 figures in a separate block)")
+    p.add_argument("--bounds", help="with --layout paper: comma-separated itd compare JSON files holding each "
+                   "model's variational bound ('vlb'), one per results file in order ('-' for none)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
 
@@ -32,8 +37,37 @@ def run(args) -> int:
     results = [Results.load(path) for path in args.results]
     runs = [RunHistory.load(path) for path in args.runs]
     names = [n.strip() for n in args.names.split(",")] if args.names else None
+    paper = _paper_layout(args, results, names) if args.layout == "paper" else None  # checked before writing
+    if paper is None and args.bounds:
+        raise ValueError("--bounds is for --layout paper")
     written = write_report(results, args.out, names=names, runs=runs)
+    if paper is not None:
+        written += _write_paper(args.out, paper)
     if results:
         print((written[0]).read_text(), end="")
     print(f"wrote {len(written)} files to {args.out}: " + ", ".join(p.name for p in written))
     return 0
+
+
+def _paper_layout(args, results, names) -> tuple[str, str]:
+    from ..reporting.paper import paper_tables, read_bounds
+    from ..reporting.report import unique_labels
+
+    if not results:
+        raise ValueError("--layout paper needs results files (itd eval)")
+    files = [f.strip() for f in args.bounds.split(",")] if args.bounds else ["-"] * len(results)
+    if len(files) != len(results):
+        raise ValueError(f"--bounds: {len(files)} files for {len(results)} results files")
+    bounds = [{} if f == "-" else read_bounds(f) for f in files]
+    return paper_tables(unique_labels(results, names), results, bounds)
+
+
+def _write_paper(out, tables: tuple[str, str]) -> list:
+    from pathlib import Path
+
+    from .. import fileio as _io
+
+    paths = [Path(out) / "table_paper.md", Path(out) / "table_paper.tex"]
+    for path, text in zip(paths, tables):
+        _io.write_atomic(path, lambda fh, text=text: fh.write(text.encode()))
+    return paths
