@@ -303,3 +303,63 @@ def test_report_layout_paper(pipeline, tmp_path):
     bad = tmp_path / "bad"
     assert main(["report", str(paper), "--layout", "paper", "--bounds", str(paper), "--out", str(bad)]) == 2
     assert not bad.exists()
+
+
+def test_eval_killed_on_two_processes_finishes_on_one(pipeline, capsys):
+    """Issue 15: a run started under torchrun with 2 processes, killed, is finished by 1 process
+    with the same command, and equals an uninterrupted run."""
+    import signal
+
+    root, spectrum, run = pipeline["root"], pipeline["spectrum"], pipeline["run"]
+    out, partial = root / "two-then-one.json", root / "two-then-one.partial"
+    args = ["eval", "--model", str(run), "--spectrum", str(spectrum), "--out", str(out), *EVAL_ARGS,
+            "--points", "64", "--limit", "40", "--images-per-step", "2", "--checkpoint-every", "0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "itdiffusion.cli", *args]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while len(list(partial.glob("rows-*.npz"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_processes_with(str(out))  # torchrun's workers may run in sessions of their own
+    proc.wait()
+    assert partial.exists() and not out.exists(), "the evaluation finished before it could be killed"
+    n_saved = _rows_saved(partial)
+    assert 0 < n_saved < 40
+    capsys.readouterr()
+    assert main(args) == 0  # one process, the same command
+    assert out.exists() and not partial.exists()
+    reference = root / "two-then-one-reference.json"
+    assert main(args[:6] + [str(reference)] + args[7:]) == 0
+    a, b = Results.load(reference), Results.load(out)
+    assert b.n_examples == a.n_examples == 40
+    for name, est in a.estimates.items():  # batching differs (network calls in float32): rounding only
+        assert b[name].nats == pytest.approx(est.nats, rel=1e-6, abs=1e-6), name
+    for name in a.terms:
+        np.testing.assert_allclose(b.terms[name].nll_nats, a.terms[name].nll_nats, rtol=1e-6, atol=1e-6)
+
+
+def _kill_processes_with(argument: str) -> None:
+    """SIGKILL every process whose command line holds ``argument``, and wait until they are gone."""
+    import signal
+
+    def matching() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if argument.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                        pids.append(int(entry.name))
+                except OSError:
+                    pass
+        return pids
+
+    deadline = time.monotonic() + 30
+    while (pids := matching()) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.05)
