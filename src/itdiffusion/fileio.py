@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,7 +18,9 @@ import numpy as np
 def write_atomic(path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write ``path`` through a temporary file in the same folder, then rename it into place.
 
-    A crash leaves either the old file or the new one, never half of one.
+    A crash leaves either the old file or the new one, never half of one.  The file gets the
+    mode of the file it replaces, or for a new file the mode ``open`` would give it (``0o666``
+    less the umask), not the temporary file's private ``0o600``.
     """
     path = Path(path)
     if path.is_dir():
@@ -25,11 +28,13 @@ def write_atomic(path, write: Callable[[io.BufferedWriter], None]) -> None:
     folder = path.parent
     if folder and not folder.exists():
         folder.mkdir(parents=True, exist_ok=True)
+    mode = _mode_for(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
+            os.fchmod(fh.fileno(), mode)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -38,6 +43,57 @@ def write_atomic(path, write: Callable[[io.BufferedWriter], None]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+JSON_LIMIT = 256 * 2**20  # bytes: a larger JSON file is not one this package wrote
+
+
+def check_regular(path) -> Path:
+    """``path`` if it is a regular file (following links); ``ValueError`` naming it otherwise, so
+    a FIFO, a device or a folder never blocks or floods a reader."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is a directory; expected a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file (a pipe, socket or device); refusing to read it")
+    return path
+
+
+def read_bytes(path, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them (``ValueError`` beyond)."""
+    path = check_regular(path)
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes; not a file this reader accepts")
+    return data
 
 
 def remove_stale_temps(path) -> int:
@@ -107,6 +163,7 @@ def load_npz(path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: no such file")
     if path.is_dir():
         raise ValueError(f"{path} is a directory; expected an .npz file")
+    check_regular(path)
     with open(path, "rb") as fh:
         magic = fh.read(6)
     if magic[:4] not in _ZIP_MAGIC:
@@ -189,6 +246,7 @@ def load_npy(path) -> np.ndarray:
         raise ValueError(f"{path}: no such file")
     if path.is_dir():
         raise ValueError(f"{path} is a directory; expected a .npy file")
+    check_regular(path)
     try:
         with open(path, "rb") as fh:
             _check_npy_header(fh, os.fstat(fh.fileno()).st_size, "the array")
@@ -206,10 +264,9 @@ def load_json(path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; expected a JSON file")
+    data = read_bytes(path, JSON_LIMIT)
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        value = json.loads(data.decode("utf-8"))
     except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path}: truncated or invalid JSON ({type(err).__name__}: {err})") from None
     if not isinstance(value, dict):

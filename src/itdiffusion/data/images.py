@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..core.grid import DiscreteGrid
+from ..fileio import current_umask
 
 GRID_8BIT = DiscreteGrid(-1.0, 1.0, 256)
 """8-bit images scaled to [-1, 1]: ``x = -1 + 2 k / 255``."""
@@ -454,6 +455,7 @@ def export_cifar10(source, out) -> dict[str, int]:
     try:
         for split, data in splits.items():
             export_folder(data, tmp / split)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private (0700)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
