@@ -84,3 +84,23 @@ def test_readers_refuse_fifos_and_huge_files_without_blocking(tmp_path):
     big.write_bytes(b" " * 101)
     with pytest.raises(ValueError, match="larger than 100 bytes"):
         fileio.read_bytes(big, 100)
+
+
+def test_cli_refuses_to_write_over_its_input(tmp_path, capsys):
+    import numpy as np
+
+    from itdiffusion.cli import main
+
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((40, 1, 4, 4), np.uint8))
+    before = data.read_bytes()
+    assert main(["spectrum", "--data", str(data), "--out", str(data), "--diagonal"]) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    spectrum = tmp_path / "s.npz"
+    assert main(["spectrum", "--data", str(data), "--out", str(spectrum), "--diagonal"]) == 0
+    results = tmp_path / "r.json"
+    results.write_text("{}")
+    assert main(["report", str(results), "--out", str(tmp_path / "table.md")]) == 2
+    # a report folder that also holds the results is fine: only the report's own files are written
+    assert "would replace" not in capsys.readouterr().err

@@ -36,8 +36,11 @@ def add_parser(sub) -> None:
 
 def run_cifar10(args) -> int:
     from ..data.images import export_cifar10
+    from ..guard import OutputLock, check_outputs
 
-    counts = export_cifar10(args.source, args.out)
+    check_outputs([args.out], [args.source])
+    with OutputLock(args.out):
+        counts = export_cifar10(args.source, args.out)
     print(f"wrote {counts['train']} training and {counts['test']} test images to {args.out}/train and {args.out}/test")
     return 0
 

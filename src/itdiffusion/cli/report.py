@@ -34,15 +34,23 @@ def run(args) -> int:
 
     if not args.results and not args.runs:
         raise ValueError("give results files (itd eval) and/or --runs")
+    from ..guard import OutputLock, check_outputs
+
+    from pathlib import Path
+
+    names_out = ["table.md", "table.tex", "estimates.md", "summary.json", "table_paper.md", "table_paper.tex"]
+    names_out += [f"{kind}.{ext}" for kind in ("error_curves", "rounded_curves", "loss_curves") for ext in ("png", "pdf")]
+    check_outputs([Path(args.out) / n for n in names_out], [*args.results, *args.runs, *(args.bounds or "").split(",")])
     results = [Results.load(path) for path in args.results]
     runs = [RunHistory.load(path) for path in args.runs]
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     paper = _paper_layout(args, results, names) if args.layout == "paper" else None  # checked before writing
     if paper is None and args.bounds:
         raise ValueError("--bounds is for --layout paper")
-    written = write_report(results, args.out, names=names, runs=runs)
-    if paper is not None:
-        written += _write_paper(args.out, paper)
+    with OutputLock(args.out):
+        written = write_report(results, args.out, names=names, runs=runs)
+        if paper is not None:
+            written += _write_paper(args.out, paper)
     if results:
         print((written[0]).read_text(), end="")
     print(f"wrote {len(written)} files to {args.out}: " + ", ".join(p.name for p in written))

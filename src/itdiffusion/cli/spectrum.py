@@ -32,12 +32,23 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..data.images import describe, load_data
-    from ..core.spectrum import GaussianSpectrum
+    from ..guard import OutputLock, check_outputs
 
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name such as spectrum.npz")
+    check_outputs([out], [args.data])
+    lock = OutputLock(out).acquire()
+    try:
+        return _spectrum(args, out)
+    finally:
+        lock.release()
+
+
+def _spectrum(args, out: Path) -> int:
+    from ..data.images import describe, load_data
+    from ..core.spectrum import GaussianSpectrum
+
     data = load_data(args.data, "train", limit=args.max_samples, seed=args.seed)
     print(describe(data))
     if not args.diagonal and len(data) <= data.d:
