@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 
 PLACEMENTS = ("iid", "stratified", "midpoint")
+MAX_LOGSNR = 700.0  # |log-SNR| beyond which e^a overflows float64
 
 
 def check_n_points(n_points) -> int:
@@ -71,6 +72,9 @@ class LogisticProposal:
             raise ValueError(f"scale must be positive and finite, got {self.scale!r}")
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise ValueError(f"clip must be positive and finite, got {self.clip!r}")
+        if abs(self.loc) + self.clip * self.scale > MAX_LOGSNR:
+            raise ValueError(f"clip {self.clip:g} x scale {self.scale:g} around loc {self.loc:g} reaches log-SNR beyond "
+                             f"+-{MAX_LOGSNR:g}, where e^a overflows float64; use a smaller clip")
 
     @property
     def lo(self) -> float:

@@ -20,6 +20,7 @@ from .. import fileio as _io
 from .channel import alpha_sigma
 from .proposal import default_loc_scale
 
+ORTHONORMAL_TOL = 1e-6  # max |V^T V - I| of a loaded spectrum's eigenvectors (eigh gives ~1e-14)
 FORMAT = "itdiffusion.spectrum"
 VERSION = 1
 DEFAULT_REL_FLOOR = 1e-6
@@ -278,7 +279,7 @@ class GaussianSpectrum:
         meta = _io.read_meta(arrays, path, FORMAT, VERSION)
         try:
             real = lambda key: torch.from_numpy(_io.real_array(arrays, key))  # noqa: E731
-            return cls(
+            spectrum = cls(
                 mean=real("mean"),
                 eigvecs=real("eigvecs") if "eigvecs" in arrays else None,
                 log_eigs=real("log_eigs"),
@@ -286,3 +287,10 @@ class GaussianSpectrum:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: not a valid spectrum file ({err})") from None
+        if spectrum.eigvecs is not None:
+            v = spectrum.eigvecs
+            gap = (v.T @ v - torch.eye(v.shape[1], dtype=v.dtype)).abs().max().item()
+            if not gap < ORTHONORMAL_TOL:
+                raise ValueError(f"{path}: the eigenvectors are not orthonormal (max |V^T V - I| = {gap:.3g}); "
+                                 "not a spectrum this package wrote")
+        return spectrum

@@ -71,6 +71,10 @@ def save_checkpoint(path, ckpt: Checkpoint) -> None:
     from safetensors.torch import save
 
     tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in ckpt.model_state.items()}
+    bad = [k for k, v in ckpt.model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"not saving {path}: the weights hold NaN or Inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); training diverged (lower --lr or use --grad-clip)")
     meta = {"format": FORMAT, "version": VERSION, "epoch": ckpt.epoch, **ckpt.meta}
     if ckpt.optimizer_state is not None:
         opt_tensors, opt_info = _flatten_optimizer(ckpt.optimizer_state)

@@ -1,0 +1,46 @@
+"""Silent wrong numbers turned into one-line refusals (issue 16, group 3)."""
+
+import numpy as np
+import pytest
+import torch
+
+import itdiffusion as itd
+from itdiffusion.cli import main
+
+
+def test_clip_that_overflows_the_log_snr_range_is_refused():
+    spec = itd.GaussianSpectrum.isotropic((4,), variance=1.0)
+    model = itd.ITDiffusion(spec, spec)
+    with pytest.raises(ValueError, match="overflows float64"):
+        model.nll(torch.randn(3, 4), 8, seed=0, clip=1e300)
+
+
+def test_a_spectrum_with_non_orthonormal_eigenvectors_is_refused(tmp_path):
+    spec = itd.GaussianSpectrum.from_data(torch.randn(200, 5, generator=torch.Generator().manual_seed(0)))
+    spec.save(tmp_path / "s.npz")
+    arrays = dict(np.load(tmp_path / "s.npz"))
+    arrays["eigvecs"] = arrays["eigvecs"] * 1.01
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="not orthonormal"):
+        itd.GaussianSpectrum.load(tmp_path / "bad.npz")
+    assert itd.GaussianSpectrum.load(tmp_path / "s.npz").d == 5
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    from itdiffusion.training.checkpoint import Checkpoint, save_checkpoint
+
+    state = {"w": torch.tensor([1.0, float("nan")]), "steps": torch.tensor([3])}
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        save_checkpoint(tmp_path / "c.safetensors", Checkpoint(model_state=state, optimizer_state=None, epoch=1, meta={}))
+    assert not list(tmp_path.iterdir())
+
+
+def test_finetune_that_diverges_saves_nothing(tmp_path, capsys):
+    spectrum, run = tmp_path / "s.npz", tmp_path / "run"
+    assert main(["spectrum", "--data", "digits", "--out", str(spectrum)]) == 0
+    code = main(["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum),
+                 "--out", str(run), "--epochs", "1", "--limit", "32", "--batch-size", "16", "--lr", "1e308",
+                 "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert not (run / "checkpoint.safetensors").exists()
