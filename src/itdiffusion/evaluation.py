@@ -143,6 +143,10 @@ class Evaluator:
                 arrays[f"data/{other}"] = _np(errs.rounded(other), np.float32)
         return Chunk(first, first + len(x), arrays)
 
+    def evaluate_rows(self, x: torch.Tensor, first: int) -> Chunk:
+        """Rows ``first, first + 1, ...`` of ``x`` evaluated, without keeping them (see :mod:`itdiffusion.metrics`)."""
+        return self._evaluate(x, first)
+
     def _passes(self) -> tuple[Pass, ...]:
         """The data (with both roundings for discrete data) and, if asked, the dequantized data."""
         cfg = self.config
