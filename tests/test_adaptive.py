@@ -192,3 +192,28 @@ def test_exact_denoiser_on_a_grid_keeps_the_raw_error_and_is_unbiased():
     assert abs(err.mean().item()) < 4 * err.std().item() / math.sqrt(len(x)) + 0.005 * 8 * math.log(2)
     assert hard.mean().item() > 10 * err.std().item() / math.sqrt(len(x))  # hard rounding: loose
     assert fractions(4, "midpoint").tolist() == [0.125, 0.375, 0.625, 0.875]
+
+
+# ============================================================================ evaluate
+def test_evaluate_tunes_on_the_pilot_reports_it_and_resume_refuses_another_fit(tmp_path):
+    grid = itd.DiscreteGrid(-1.0, 1.0, 9)
+    law = ProductDiscrete(grid, torch.exp(-torch.arange(9.0) / 2.0), d=6)
+    gen = torch.Generator().manual_seed(9)
+    spec = itd.GaussianSpectrum.from_data(law.sample(3000, gen))
+    x, pilot = law.sample(40, gen), law.sample(16, gen)
+    plain = itd.evaluate(itd.ITDiffusion(law, spec), [x], n_points=32, discrete=grid, seed=2)
+    assert plain.config["tuning"] is None and plain.config["pilot"] is None
+    model = itd.ITDiffusion(law, spec)
+    res = itd.evaluate(model, [x[:20], x[20:]], n_points=32, discrete=grid, seed=2, pilot=pilot, pilot_calls=512,
+                       checkpoint=tmp_path / "run")
+    assert res.config["pilot"]["calls"] <= 512 and res.config["rounding"] == "auto"
+    assert res.config["tuning"] == model.tuning.identity()
+    assert {"mmse_auto", "mmse_hard", "mmse_soft"} <= set(res.curves)
+    truth = -law.log_prob(x).mean().item()
+    assert abs(res.estimates["discrete"].nats - truth) < 4 * res.estimates["discrete"].se_nats + 0.05
+    assert plain.estimates["discrete"].nats > res.estimates["discrete"].nats  # hard rounding is looser
+    other = itd.ITDiffusion(law, spec).tune(pilot, 256, generator=torch.Generator().manual_seed(1), discrete=grid)
+    with pytest.raises(ValueError, match="other settings"):
+        itd.evaluate(other, [x], n_points=32, discrete=grid, seed=2, checkpoint=tmp_path / "run")
+    with pytest.raises(ValueError, match="pilot"):
+        itd.evaluate(itd.ITDiffusion(law, spec), [x], n_points=32, discrete=grid, tune=True)
