@@ -7,11 +7,12 @@ default proposal, keeping every call's errors.  From them it fits:
 1. for discrete data, the rounding of each log-SNR region (:func:`~itdiffusion.core.adaptive.choose_rounding`):
    the choice depends on the pilot only, so the estimate stays an upper bound;
 2. for each way of spending calls (antithetic groups of four at ``n/4`` points, or one call
-   at each of ``n`` points), the proposal ``~ sqrt(E f^2)`` of its per-point values and the
-   predicted variance of the estimate, ``1/n Int v(a) / q(a) da``, with ``v`` the variance
-   of one per-point value from neighbouring pilot points (noise, plus the change of the
-   curve between neighbours: the curve's shape);
-3. the way with the lower predicted variance, and its proposal.
+   at each of ``n`` points), the proposal ``~ sqrt(E f^2)`` of its per-point values;
+3. the way with the lower variance: the pilot's own stratified estimate with group means at
+   ``n/4`` points, against one call per point at ``n/4`` points divided by 4 (noise and curve
+   shape both seen by the successive-difference estimator; dividing by 4 credits the
+   single-call layout's four times as many points with the noise part's gain only, so it
+   leans towards groups), and its proposal.
 """
 
 from __future__ import annotations
@@ -93,6 +94,18 @@ def _layout_fit(points: torch.Tensor, streams: list[torch.Tensor], base, n_point
         predicted_variance(default, centres, v, n_points)
 
 
+def _stratified_variance(points: torch.Tensor, summands: torch.Tensor) -> float:
+    """Variance of the pilot's stratified estimate ``mean_i summands_i`` ``(B, n)``, from pairs of
+    neighbouring strata (the successive-difference estimator), averaged over examples."""
+    order = points.argsort(-1)
+    g = summands.gather(-1, order)
+    n = g.shape[1] // 2 * 2
+    if n < 2:
+        return float("inf")
+    diff = g[:, 0:n:2] - g[:, 1:n:2]
+    return float((diff**2).sum(-1).mean()) / g.shape[1] ** 2
+
+
 def tune(model, x_pilot: torch.Tensor, n_calls: int, *, generator: torch.Generator | None = None,
          discrete: DiscreteGrid | None = None, calls_per_example: int | None = None,
          batch_size: int | None = None) -> Tuning:
@@ -117,11 +130,13 @@ def tune(model, x_pilot: torch.Tensor, n_calls: int, *, generator: torch.Generat
     n_eval = per if calls_per_example is None else int(calls_per_example)
     anti = _layout_fit(points, [groups.mean(-1)], base, -(-n_eval // 4), gen)
     single = _layout_fit(points, [groups[..., j] for j in range(4)], base, n_eval, gen)
-    antithetic = anti[2] <= single[2]
+    weights = base.inverse_density(points)
+    var_groups = _stratified_variance(points, groups.mean(-1) * weights)
+    var_points = sum(_stratified_variance(points, groups[..., j] * weights) for j in range(4)) / 16
+    antithetic = var_groups <= var_points
     proposal, info = (anti if antithetic else single)[:2]
     pilot = {"examples": n_ex, "calls_per_example": per, "calls": n_ex * per, "mix": info["mix"],
-             "predicted_variance": {"antithetic": anti[2], "single": single[2],
-                                    "default_proposal_antithetic": anti[3], "default_proposal_single": single[3]}}
+             "estimate_variance": {"groups": var_groups, "points": var_points}}
     if discrete is not None:
         pilot["rounding_regions"] = {r: rounding.choices.count(r) for r in ("none", "hard", "soft")}
     return Tuning(proposal, bool(antithetic), rounding, pilot)
