@@ -200,9 +200,10 @@ class CurveLayout:
         gauss, ours = f64("data/gauss"), self.mmse_g is None
         out = {"mmse": f64("continuous/integrand") + (gauss if ours else self.mmse_g), "mmse_gauss": gauss}
         if "discrete/integrand" in arrays:
-            other = "hard" if self.rounding == "soft" else "soft"
             out[f"mmse_{self.rounding}"] = f64("discrete/integrand") + (self.below * gauss if ours else 0.0)
-            out[f"mmse_{other}"] = f64(f"data/{other}")
+            for other in ("hard", "soft"):
+                if other != self.rounding and f"data/{other}" in arrays:
+                    out[f"mmse_{other}"] = f64(f"data/{other}")
             if ours:
                 out["discrete_alt"] = (~self.below) * gauss
         if "discrete_published_min/integrand" in arrays:

@@ -17,6 +17,7 @@ from .evalstate import (Chunk, CurveLayout, ProgressStore, assemble_terms, chunk
 from .model import ITDiffusion
 from .protocols import PaperProtocol, standard_errors
 from .results import Results
+from .tuning import MIN_PILOT_CALLS
 
 PROTOCOLS = ("ours", "paper")  # this package's estimators, or the published code's (see itdiffusion.protocols)
 
@@ -88,12 +89,13 @@ class Evaluator:
         else:
             self.clip = model.clip if config.clip is None else float(config.clip)
             self.estimator = model.estimator(
-                config.n_points, discrete=config.discrete, rounding="soft" if config.soft else "hard",
+                config.n_points, discrete=config.discrete, rounding="soft" if config.soft else None,
                 placement=config.placement, clip=self.clip, antithetic=config.antithetic, batch_size=batch_size)
             self.quadrature = self.estimator.shared_quadrature(config.seed)
         self.layout = self.estimator.sampling.layout
         self.logsnr, self.weights = self.quadrature.logsnr, self.quadrature.weights
         self.store: ProgressStore | None = None
+        self.pilot_report: dict | None = None  # what a tuning pilot before this evaluation spent
         self._held: list[Chunk] = []  # evaluated rows not (yet) in the store
         self._stored: list[tuple[int, int]] = []  # rows in the store
 
@@ -139,8 +141,8 @@ class Evaluator:
             _add_term(arrays, term, est.integrand(reference, inputs, errs, quad, discrete=False), quad)
             if name == "data" and cfg.discrete is not None:
                 _add_term(arrays, "discrete", est.integrand(spec, inputs, errs, quad), quad)
-                other = "hard" if cfg.soft else "soft"
-                arrays[f"data/{other}"] = _np(errs.rounded(other), np.float32)
+                for other in _other_roundings(est.rounding):
+                    arrays[f"data/{other}"] = _np(errs.rounded(other), np.float32)
         return Chunk(first, first + len(x), arrays)
 
     def evaluate_rows(self, x: torch.Tensor, first: int) -> Chunk:
@@ -277,7 +279,16 @@ class Evaluator:
     def _curve_layout(self) -> CurveLayout:
         below = (self.logsnr < self.estimator.split).cpu().numpy()
         mmse_g = None if self.paper is None else self.paper.mmse_g()
-        return CurveLayout(below=below, rounding="soft" if self.config.soft else "hard", mmse_g=mmse_g)
+        rounding = self.estimator.rounding if self.paper is None else ("soft" if self.config.soft else "hard")
+        return CurveLayout(below=below, rounding=rounding, mmse_g=mmse_g)
+
+    def _tuning_dict(self) -> dict:
+        """The fit in use (``tuning``: what a resumed run must match) and the discrete rounding."""
+        if self.paper is not None:
+            return {}
+        fit = self.model.tuning
+        used = fit is not None and self.estimator.proposal == fit.proposal
+        return {"tuning": fit.identity() if used else None, "rounding": self.estimator.rounding}
 
     def _config_dict(self) -> dict:
         cfg, model = self.config, self.model
@@ -293,8 +304,14 @@ class Evaluator:
             "gaussian_entropy_nats": model.spectrum.entropy(), "protocol": cfg.protocol,
             "dequantized_reference": None if not cfg.dequantize else "eigenvalues floored at delta^2/12",
             "soft_variance": cfg.soft_variance, "clamp_dequantized": cfg.clamp_dequantized and cfg.dequantize,
+            **self._tuning_dict(),
             **({} if self.paper is None else self.paper.config_dict()),
         }
+
+
+def _other_roundings(rounding: str) -> tuple[str, ...]:
+    """The roundings whose curves are stored beside the discrete term's (``"auto"`` uses both)."""
+    return {"soft": ("hard",), "hard": ("soft",)}.get(rounding, ("hard", "soft"))
 
 
 def _add_term(arrays: dict, name: str, terms, quad) -> None:
@@ -332,6 +349,9 @@ def evaluate(
     checkpoint=None,
     checkpoint_every: float = 300.0,
     checkpoint_meta: dict | None = None,
+    tune: bool | None = None,
+    pilot: torch.Tensor | None = None,
+    pilot_calls: int | None = None,
 ) -> Results:
     """Every estimator of the paper's test protocol over a data set.
 
@@ -371,6 +391,13 @@ def evaluate(
             (it is left in place; a second call with it returns at once).  A resumed run
             gives the same numbers as an uninterrupted one.  See :meth:`Evaluator.run`.
         checkpoint_meta: JSON-able facts the checkpoint must agree with (e.g. a model hash).
+        tune: fit the estimator on ``pilot`` first (:meth:`ITDiffusion.tune`, in place, seeded
+            by ``seed``); default: when ``pilot`` is given and the model is not tuned yet.
+            ``False``: evaluate the model as it is.  A tuned model's fit is used and saved in
+            ``Results.config["tuning"]`` (a resumed run must have the same fit).
+        pilot: ``(P, *shape)`` pilot examples, never the evaluated ones (e.g. training data).
+        pilot_calls: the pilot's budget of denoiser calls (default :func:`pilot_budget`);
+            the calls spent are reported in ``Results.config["pilot"]``, apart from the evaluation's.
 
     Returns:
         :class:`Results`.
@@ -378,7 +405,40 @@ def evaluate(
     config = EvalConfig(n_points=n_points, discrete=discrete, soft=soft, dequantize=dequantize, clamp=clamp,
                         placement=placement, antithetic=antithetic, seed=seed, clip=clip, per_sample_curves=per_sample_curves,
                         protocol=protocol, soft_variance=soft_variance, clamp_dequantized=clamp_dequantized)
+    config.validate()
+    report = _maybe_tune(model, config, batches, tune, pilot, pilot_calls, batch_size)
     evaluator = Evaluator(model, config, batch_size=batch_size, index_offset=index_offset)
     evaluator.run(batches, callback=callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                   checkpoint_meta=checkpoint_meta)
-    return evaluator.results()
+    results = evaluator.results()
+    results.config["pilot"] = report
+    return results
+
+
+PILOT_SHARE = 0.05  # the pilot's default budget: at most this share of the evaluation's calls ...
+PILOT_EXAMPLES = 64  # ... and at most the calls of this many examples
+
+
+def pilot_budget(n_examples: int | None, calls_per_example: int) -> int:
+    """Default pilot budget: ``min(5 % of the evaluation's calls, the calls of 64 examples)``
+    (the 64 examples' calls when the number of evaluated examples is not known)."""
+    cap = PILOT_EXAMPLES * int(calls_per_example)
+    return cap if n_examples is None else min(cap, int(PILOT_SHARE * n_examples * calls_per_example))
+
+
+def _maybe_tune(model, config: EvalConfig, batches, tune, pilot, pilot_calls, batch_size) -> dict | None:
+    """Tune ``model`` on ``pilot`` when asked (see :func:`evaluate`); the pilot's report."""
+    if tune is None:
+        tune = pilot is not None and model.tuning is None
+    if not tune or config.protocol == "paper":
+        return None
+    if pilot is None:
+        raise ValueError("tune=True needs pilot examples (pilot=...), never the evaluated ones")
+    n_examples = sum(len(_as_tensor(b)) for b in batches) if isinstance(batches, (list, tuple)) else None
+    budget = pilot_budget(n_examples, config.n_points) if pilot_calls is None else int(pilot_calls)
+    if pilot_calls is None and budget < MIN_PILOT_CALLS:
+        return {"budget": budget, "skipped": f"default budget under {MIN_PILOT_CALLS} calls: not tuned"}
+    gen = torch.Generator().manual_seed(int(config.seed) + 7919)
+    fit = model.tune(torch.as_tensor(pilot).to(model.proposal.device), budget, generator=gen,
+                     discrete=config.discrete, calls_per_example=config.n_points, batch_size=batch_size).tuning
+    return {"budget": budget, **dict(fit.pilot or {})}

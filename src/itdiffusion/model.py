@@ -14,6 +14,7 @@ from .core.noise import seed_from
 from .core.pipeline import Estimator, Sampling
 from .core.proposal import LogisticProposal
 from .core.spectrum import GaussianSpectrum
+from . import tuning as _tuning
 from .objective import ITLoss
 
 DEFAULT_CLIP = 10.0  # half-width of the log-SNR range, in logistic scales (evaluation)
@@ -73,6 +74,8 @@ class ITDiffusion(nn.Module):
         if not all(math.isfinite(v) for v in proposal) or min(proposal[1:]) <= 0:
             raise ValueError(f"loc must be finite and scale, clip, train_clip positive; got {proposal}")
         self.register_buffer("proposal", torch.tensor(proposal, dtype=torch.float64))
+        for name, value in _tuning.to_buffers(None).items():
+            self.register_buffer(name, value)
         self._spectrum_cache: tuple[tuple, GaussianSpectrum] | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -80,6 +83,10 @@ class ITDiffusion(nn.Module):
         for name in ("spectrum_mean", "spectrum_log_eigs", "spectrum_eigvecs"):
             value = state_dict.get(prefix + name)
             if value is not None and value.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(value, device=getattr(self, name).device))
+        for name in _tuning.BUFFERS:  # a fit (or none: checkpoints made before tuning existed)
+            value = state_dict.setdefault(prefix + name, torch.zeros(0, dtype=torch.float64))
+            if value.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(value, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -123,6 +130,36 @@ class ITDiffusion(nn.Module):
     def logsnr_proposal(self, clip: float | None = None) -> LogisticProposal:
         """The truncated-logistic proposal of estimates (``clip`` default: ``self.clip``)."""
         return LogisticProposal(self.loc, self.scale, self.clip if clip is None else float(clip))
+
+    @property
+    def tuning(self) -> "_tuning.Tuning | None":
+        """The fit of :meth:`tune` (from this module's buffers), or ``None`` when untuned."""
+        return _tuning.from_buffers({name: getattr(self, name).cpu() for name in _tuning.BUFFERS})
+
+    def tune(self, x_pilot: torch.Tensor, n_calls: int, *, generator: torch.Generator | None = None,
+             discrete: DiscreteGrid | None = None, calls_per_example: int | None = None,
+             batch_size: int | None = None) -> "ITDiffusion":
+        """Fit the estimator to the data on pilot examples ``x_pilot`` ``(P, *shape)``, in place.
+
+        Spends at most ``n_calls`` denoiser calls (on at most ``P`` pilot examples, never the
+        ones evaluated later) and fits the log-SNR proposal, antithetic groups or one call per
+        point, and for ``discrete`` data the rounding of each log-SNR region (see
+        :mod:`itdiffusion.tuning`).  :meth:`nll`, :meth:`estimator` and
+        :func:`itdiffusion.evaluate` then use the fit; it is kept in this module's buffers
+        (``state_dict``).  ``calls_per_example``: the calls per example the fit is for
+        (default ``n_calls // P``).  Returns ``self``.
+        """
+        fit = _tuning.tune(self, x_pilot, n_calls, generator=generator, discrete=discrete,
+                          calls_per_example=calls_per_example, batch_size=batch_size)
+        self.set_tuning(fit)
+        return self
+
+    def set_tuning(self, fit: "_tuning.Tuning | None") -> "ITDiffusion":
+        """Use the fit ``fit`` (``None``: back to the untuned estimator)."""
+        device = self.proposal.device
+        for name, value in _tuning.to_buffers(fit).items():
+            setattr(self, name, value.to(device))
+        return self
 
     def discrete_split(self, clip: float | None = None) -> float:
         """Log-SNR above which the discrete estimator drops the Gaussian control variate."""
@@ -177,19 +214,32 @@ class ITDiffusion(nn.Module):
         n_points: int = 256,
         *,
         discrete: DiscreteGrid | None = None,
-        rounding: str = "hard",
+        rounding: str | None = None,
         clamp: tuple[float, float] | None = None,
         placement: str = "stratified",
         clip: float | None = None,
         antithetic: bool | None = None,
         batch_size: int | None = None,
+        tuned: bool = True,
     ) -> Estimator:
-        """The :class:`~itdiffusion.core.pipeline.Estimator` of :meth:`nll` with these settings."""
+        """The :class:`~itdiffusion.core.pipeline.Estimator` of :meth:`nll` with these settings.
+
+        With a fit (:meth:`tune`) and ``tuned``, its proposal and call layout are used (unless
+        ``clip`` or ``antithetic`` is given) and ``rounding`` defaults to ``"auto"`` for
+        discrete data; else (the untuned estimator) the logistic proposal and ``"hard"``.
+        """
         check_batch_size(batch_size)
-        antithetic = default_antithetic(discrete) if antithetic is None else bool(antithetic)
+        fit = self.tuning if tuned else None
+        fit = fit if fit is not None and (clip is None or float(clip) == self.clip) else None
+        if rounding is None:
+            rounding = "auto" if fit is not None and discrete is not None and fit.rounding is not None else "hard"
+        if antithetic is None:
+            antithetic = fit.antithetic if fit is not None else default_antithetic(discrete)
+        proposal = fit.proposal if fit is not None else self.logsnr_proposal(clip)
         return Estimator(
-            proposal=self.logsnr_proposal(clip), sampling=Sampling(n_points, antithetic, placement),
+            proposal=proposal, sampling=Sampling(n_points, bool(antithetic), placement),
             discrete=discrete, rounding=rounding, clamp=clamp, split=self.discrete_split(clip), batch_size=batch_size,
+            rounding_map=None if fit is None else fit.rounding,
         )
 
     @torch.no_grad()
@@ -201,25 +251,29 @@ class ITDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         discrete: DiscreteGrid | None = None,
-        rounding: str = "hard",
+        rounding: str | None = None,
         clamp: tuple[float, float] | None = None,
         placement: str = "stratified",
         clip: float | None = None,
         antithetic: bool | None = None,
         batch_size: int | None = None,
+        tuned: bool = True,
     ) -> torch.Tensor:
         """Per-example negative log-likelihood in nats, ``(B, *shape) -> (B,)`` float64.
 
         Continuous data: ``-log p(x)``.  With ``discrete=DiscreteGrid(...)``: an upper bound
         on ``-log P(x)`` (in expectation exact for the optimal denoiser only with
-        ``rounding="none"``; rounding makes a good denoiser's bound tighter), with analytic
-        tails.  Calls the denoiser on ``n_points`` noisy copies of each example.
+        ``rounding="none"``, or ``"auto"`` after :meth:`tune`, which keeps the raw error where
+        rounding does not lower it; rounding makes a good network's bound tighter), with
+        analytic tails.  Calls the denoiser on ``n_points`` noisy copies of each example.
+        After :meth:`tune` the fitted estimator is used (``tuned=False``: the untuned one).
 
         Args:
             n_points: network calls per example.
             generator / seed: randomness; each example gets its own stream derived from the
                 seed and its position in ``x``, so results do not depend on ``batch_size``.
-            rounding: ``"hard"``, ``"soft"`` or ``"none"`` (discrete data only).
+            rounding: ``"hard"``, ``"soft"``, ``"none"`` or ``"auto"`` (discrete data only;
+                default ``"auto"`` after :meth:`tune`, else ``"hard"``).
             clamp: ``(lo, hi)`` interval to clamp ``x_hat`` into (data must lie in it).
             placement: ``"stratified"`` (default), ``"iid"`` or ``"midpoint"`` placement of points.
             clip: integration half-width in scales (default: ``self.clip``).
@@ -231,7 +285,7 @@ class ITDiffusion(nn.Module):
                 within a group of examples).
         """
         estimator = self.estimator(n_points, discrete=discrete, rounding=rounding, clamp=clamp, placement=placement,
-                                   clip=clip, antithetic=antithetic, batch_size=batch_size)
+                                   clip=clip, antithetic=antithetic, batch_size=batch_size, tuned=tuned)
         self.check_data(x, discrete)
         seed = seed_from(generator) if seed is None else int(seed)
         return estimator.nll(self, self.spectrum, x, seed=seed)

@@ -60,6 +60,11 @@ def add_parser(sub) -> None:
     p.add_argument("--fresh", action="store_true", help="discard saved partial progress and start over")
     p.add_argument("--resume", action="store_true", help="continue from the partial progress saved beside OUT, and "
                    "refuse to start if there is none (without --resume, saved progress is continued when it exists)")
+    p.add_argument("--no-tune", dest="tune", action="store_false", help="evaluate the untuned estimator (default: "
+                   "fit the log-SNR proposal, call layout and rounding on a pilot first, see ITDiffusion.tune)")
+    p.add_argument("--pilot-data", help="pilot images for tuning (default: the training split of --data)")
+    p.add_argument("--pilot-calls", type=positive_int, help="the pilot's budget of network calls (default: 5%% of "
+                   "the evaluation's, at most the calls of 64 images)")
     add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -128,11 +133,33 @@ def _setup(args, world, device):
     config = EvalConfig(n_points=args.points, discrete=data.grid, soft=args.soft_round, dequantize=args.dequantize,
                         placement=args.placement, seed=args.seed, per_sample_curves=args.per_sample_curves,
                         clip=args.clip, protocol=args.protocol, clamp_dequantized=args.clamp_dequantized)
+    pilot = _tune(args, model, data, config)
     part = shard(len(data), world)
     evaluator = Evaluator(model, config, batch_size=args.batch_size, index_offset=part.start)
+    evaluator.pilot_report = pilot
     step = args.images_per_step or max(1, NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
     identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "dtype": args.dtype}
     return data, loaded, evaluator, data.x[part.start : part.stop].split(step), identity
+
+
+def _tune(args, model, data, config) -> dict | None:
+    """Tune ``model`` on pilot images (``--pilot-data`` or the training split of ``--data``),
+    leaving out any image that is also evaluated."""
+    import hashlib
+
+    from ..data.images import load_data
+    from ..evaluation import PILOT_EXAMPLES, _maybe_tune
+
+    if not args.tune:
+        return None
+    pilot = load_data(args.pilot_data or args.data, "train", limit=4 * PILOT_EXAMPLES, seed=args.seed + 1)
+    digest = lambda rows: [hashlib.sha1(r.numpy().tobytes()).digest() for r in rows.float().flatten(1)]  # noqa: E731
+    evaluated = set(digest(data.x))
+    keep = [i for i, h in enumerate(digest(pilot.x)) if h not in evaluated][:PILOT_EXAMPLES]
+    if len(keep) < 2:
+        return {"skipped": "no pilot images apart from the evaluated ones: not tuned (pass --pilot-data)"}
+    return _maybe_tune(model, config, [data.x], True, pilot.x[keep].to(model.proposal.device), args.pilot_calls,
+                       args.batch_size)
 
 
 def _evaluate(args, out: Path, world, device) -> int:
@@ -185,9 +212,12 @@ def _evaluate(args, out: Path, world, device) -> int:
             "model": args.label or loaded.label, "model_arg": args.model, "weights": args.weights, "data": args.data,
             "spectrum": args.spectrum, "processes": world.size, "seconds": time.perf_counter() - began,
             "run": None if loaded.run is None else str(loaded.run), "dtype": args.dtype,
+            "pilot": evaluator.pilot_report,
         })
         results.save(out)
         print(results.to_markdown(f"{results.config['model']} on {data.source}"), end="")
+        if evaluator.pilot_report:
+            print(f"pilot (apart from the evaluation): {evaluator.pilot_report}")
         print(f"wrote {out} and {out.with_suffix('.npz')}")
     barrier(world)
     if world.is_main:

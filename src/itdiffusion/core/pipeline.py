@@ -26,6 +26,7 @@ from . import estimators
 from .errors import Denoise, ErrorOptions, Errors, check_rounding, pair_errors
 from .grid import DiscreteGrid
 from .noise import NOISE_BUDGET, CallLayout, NoiseStreams, point_chunk
+from .adaptive import RoundingMap
 from .proposal import Proposal, Quadrature, check_n_points, check_placement, quadrature
 from .spectrum import GaussianSpectrum
 
@@ -94,10 +95,12 @@ class Estimator:
         proposal: the log-SNR proposal; its range is the integration range.
         sampling: calls per example and how they are spent.
         discrete: the data grid for the discrete bound (``None``: continuous data).
-        rounding: ``"hard"``, ``"soft"`` or ``"none"`` (discrete only).
+        rounding: ``"hard"``, ``"soft"``, ``"none"`` or ``"auto"`` (discrete only; ``"auto"``: the
+            per-region choice of ``rounding_map``).
         clamp: ``(lo, hi)`` interval to clamp ``x_hat`` into.
         split: log-SNR above which the discrete bound drops the Gaussian control variate.
         batch_size: (example, call) pairs per network call.
+        rounding_map: the fitted rounding of each log-SNR region (for ``rounding="auto"``).
     """
 
     proposal: Proposal
@@ -107,14 +110,21 @@ class Estimator:
     clamp: tuple[float, float] | None = None
     split: float = 0.0
     batch_size: int | None = None
+    rounding_map: RoundingMap | None = None
 
     def __post_init__(self):
-        check_rounding(self.rounding)
+        if self.rounding == "auto":
+            if self.rounding_map is None:
+                raise ValueError('rounding="auto" needs a tuned model (model.tune(...)): no rounding was fitted')
+        else:
+            check_rounding(self.rounding)
         object.__setattr__(self, "split", min(max(float(self.split), self.proposal.lo), self.proposal.hi))
 
     @property
     def roundings(self) -> tuple[str, ...]:
-        return (self.rounding,) if self.discrete is not None and self.rounding != "none" else ()
+        if self.discrete is None or self.rounding == "none":
+            return ()
+        return self.rounding_map.needed if self.rounding == "auto" else (self.rounding,)
 
     def data_pass(self, roundings: tuple[str, ...] | None = None) -> Pass:
         """The pass on the data itself, computing this estimator's rounding (or ``roundings``)."""
@@ -143,13 +153,15 @@ class Estimator:
         shared: Quadrature | None = None,
         passes: tuple[Pass, ...] | None = None,
         same_noise: bool = False,
+        per_call: bool = False,
     ) -> Measurement:
         """Errors of every pass on examples ``first_index, first_index + 1, ...`` of ``x`` ``(B, *shape)``.
 
         ``shared``: points shared by every example (default: each example its own, from its
         stream).  ``passes`` default to the data pass of this estimator.  ``same_noise``:
         every example draws the stream of example ``first_index`` (common random numbers,
-        e.g. for a smooth density plot).
+        e.g. for a smooth density plot).  ``per_call``: keep one error per call ``(B, n_calls)``
+        instead of the mean over each point's calls (the tuning pilot).
         """
         passes = (self.data_pass(),) if passes is None else tuple(passes)
         if any(p.dequantize for p in passes) and self.discrete is None:
@@ -164,10 +176,10 @@ class Estimator:
             indices = range(first, first + (1 if same_noise else len(xb)))
             streams = NoiseStreams(seed, indices, layout.n_strata, tuple(x.shape[1:]), dtype=x.dtype,
                                    device=x.device, budget=NOISE_BUDGET)
-            parts.append(self._measure_group(denoise, spectrum, xb, streams, shared, passes))
+            parts.append(self._measure_group(denoise, spectrum, xb, streams, shared, passes, per_call))
         return _cat(parts, shared)
 
-    def _measure_group(self, denoise, spectrum, x, streams: NoiseStreams, shared, passes) -> Measurement:
+    def _measure_group(self, denoise, spectrum, x, streams: NoiseStreams, shared, passes, per_call=False) -> Measurement:
         """One group of examples, its noise read in chunks of points (see :class:`NoiseStreams`)."""
         layout, n = self.sampling.layout, len(x)
         fractions = streams.fractions.expand(n, -1)
@@ -184,7 +196,7 @@ class Estimator:
             call_logsnr = logsnr[:, layout.stratum(x.device, first, stop)]
             for p in passes:
                 errs = pair_errors(denoise, p.spectrum or spectrum, inputs[p.name], call_logsnr, call_eps, p.options)
-                parts[p.name].append(errs.map(lambda t: layout.mean_per_stratum(t, first)))
+                parts[p.name].append(errs if per_call else errs.map(lambda t: layout.mean_per_stratum(t, first)))
         return Measurement(quad, inputs, {name: Errors.cat(v, dim=1) for name, v in parts.items()})
 
     def integrand(self, spectrum: GaussianSpectrum, x: torch.Tensor, errs: Errors, quad: Quadrature,
@@ -194,7 +206,8 @@ class Estimator:
         grid = self.discrete if discrete is None or discrete else None
         if grid is None:
             return estimators.continuous(spectrum, x, errs.raw, errs.gauss)
-        err = errs.rounded(self.rounding if rounding is None else rounding)
+        rounding = self.rounding if rounding is None else rounding
+        err = self.rounding_map.select(errs, quad.logsnr) if rounding == "auto" else errs.rounded(rounding)
         return estimators.discrete(spectrum, grid, x, err, errs.gauss, quad.logsnr.to(x.device), self.split, quad.hi)
 
     def nll(self, denoise: Denoise, spectrum: GaussianSpectrum, x: torch.Tensor, *, seed: int,

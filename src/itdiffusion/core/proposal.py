@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 
 PLACEMENTS = ("iid", "stratified", "midpoint")
-MAX_LOGSNR = 700.0  # |log-SNR| beyond which e^a overflows float64
+MAX_CLIP = 700.0  # scales: cosh(clip) and the truncated density overflow/underflow float64 beyond
 
 
 def check_n_points(n_points) -> int:
@@ -72,9 +72,9 @@ class LogisticProposal:
             raise ValueError(f"scale must be positive and finite, got {self.scale!r}")
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise ValueError(f"clip must be positive and finite, got {self.clip!r}")
-        if abs(self.loc) + self.clip * self.scale > MAX_LOGSNR:
-            raise ValueError(f"clip {self.clip:g} x scale {self.scale:g} around loc {self.loc:g} reaches log-SNR beyond "
-                             f"+-{MAX_LOGSNR:g}, where e^a overflows float64; use a smaller clip")
+        if self.clip > MAX_CLIP:
+            raise ValueError(f"clip must be at most {MAX_CLIP:g} scales (the proposal's density underflows float64 "
+                             f"beyond), got {self.clip:g}")
 
     @property
     def lo(self) -> float:
