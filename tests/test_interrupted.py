@@ -175,7 +175,7 @@ def test_killed_finetune_and_eval_resume_to_identical_results(spectrum, tmp_path
                 (tmp_path / f".{name}.k1ll3d00.tmp").write_bytes(b"half a file")
             (partial / ".rows-0000000000-0000000004.npz.k1ll3d00.tmp").write_bytes(b"half a file")
     assert interrupted >= 2, "the evaluations ended before they could be killed"
-    assert saved and 0 < min(saved) < 64
+    assert any(0 < rows < 64 for rows in saved), saved  # a kill in mid-run (one right after the meta file saves 0)
     capsys.readouterr()
     if not out.exists():
         assert main(eval_args(out) + (["--resume"] if partial.exists() else [])) == 0

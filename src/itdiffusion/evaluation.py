@@ -426,15 +426,20 @@ def pilot_budget(n_examples: int | None, calls_per_example: int) -> int:
     return cap if n_examples is None else min(cap, int(PILOT_SHARE * n_examples * calls_per_example))
 
 
-def _maybe_tune(model, config: EvalConfig, batches, tune, pilot, pilot_calls, batch_size) -> dict | None:
-    """Tune ``model`` on ``pilot`` when asked (see :func:`evaluate`); the pilot's report."""
+def _maybe_tune(model, config: EvalConfig, batches, tune, pilot, pilot_calls, batch_size,
+                n_examples: int | None = None) -> dict | None:
+    """Tune ``model`` on ``pilot`` when asked (see :func:`evaluate`); the pilot's report.
+
+    ``n_examples`` (the number evaluated) sizes the default budget; ``None``: counted from a
+    list of ``batches``, unknown for an iterator."""
     if tune is None:
         tune = pilot is not None and model.tuning is None
     if not tune or config.protocol == "paper":
         return None
     if pilot is None:
         raise ValueError("tune=True needs pilot examples (pilot=...), never the evaluated ones")
-    n_examples = sum(len(_as_tensor(b)) for b in batches) if isinstance(batches, (list, tuple)) else None
+    if n_examples is None and isinstance(batches, (list, tuple)):
+        n_examples = sum(len(_as_tensor(b)) for b in batches)
     budget = pilot_budget(n_examples, config.n_points) if pilot_calls is None else int(pilot_calls)
     if pilot_calls is None and budget < MIN_PILOT_CALLS:
         return {"budget": budget, "skipped": f"default budget under {MIN_PILOT_CALLS} calls: not tuned"}

@@ -111,14 +111,14 @@ def _setup(args, world, device):
     from ..training.distributed import shard
     from ..core.noise import NOISE_BUDGET
     from ..evaluation import EvalConfig, Evaluator
-    from ..data.images import load_data
+    from ..data.stream import Chunks, open_images
     from ..model import ITDiffusion
     from ..resolve import resolve_model, state_fingerprint
     from ..denoisers.device import DeviceOptions, optimize_denoiser
     from ._common import check_registry_model, check_shapes, load_spectrum
 
     spectrum = load_spectrum(args.spectrum)
-    data = load_data(args.data, "test", limit=args.limit, seed=args.seed)
+    data = open_images(args.data, "test", limit=args.limit, seed=args.seed)
     check_registry_model(args, data, need_weights=True)
     loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
     check_shapes(data, spectrum, loaded)
@@ -139,7 +139,7 @@ def _setup(args, world, device):
     evaluator.pilot_report = pilot
     step = args.images_per_step or max(1, NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
     identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "dtype": args.dtype}
-    return data, loaded, evaluator, data.x[part.start : part.stop].split(step), identity
+    return data, loaded, evaluator, Chunks(data, step, part.start, part.stop), identity
 
 
 def _tune(args, model, data, config) -> dict | None:
@@ -154,12 +154,12 @@ def _tune(args, model, data, config) -> dict | None:
         return None
     pilot = load_data(args.pilot_data or args.data, "train", limit=4 * PILOT_EXAMPLES, seed=args.seed + 1)
     digest = lambda rows: [hashlib.sha1(r.numpy().tobytes()).digest() for r in rows.float().flatten(1)]  # noqa: E731
-    evaluated = set(digest(data.x))
+    evaluated = {h for x in data.chunks(4096) for h in digest(x)}
     keep = [i for i, h in enumerate(digest(pilot.x)) if h not in evaluated][:PILOT_EXAMPLES]
     if len(keep) < 2:
         return {"skipped": "no pilot images apart from the evaluated ones: not tuned (pass --pilot-data)"}
-    return _maybe_tune(model, config, [data.x], True, pilot.x[keep].to(model.proposal.device), args.pilot_calls,
-                       args.batch_size)
+    return _maybe_tune(model, config, None, True, pilot.x[keep].to(model.proposal.device), args.pilot_calls,
+                       args.batch_size, n_examples=len(data))
 
 
 def _evaluate(args, out: Path, world, device) -> int:
@@ -184,7 +184,7 @@ def _evaluate(args, out: Path, world, device) -> int:
         evaluator.attach(partial, identity)
     except ValueError as err:
         raise ValueError(f"{err} (or pass --fresh)") from None
-    n_shard = sum(len(b) for b in batches)
+    n_shard = batches.n_images
     done = evaluator.done_in(evaluator.index_offset, evaluator.index_offset + n_shard)
     say(world, f"{loaded.label} on {data.source}: {len(data)} images x {args.points} calls"
         f"{' x 2 (dequantized)' if args.dequantize else ''}, {world.size} process(es) on {device.type}"

@@ -46,18 +46,23 @@ def run(args) -> int:
 
 
 def _spectrum(args, out: Path) -> int:
-    from ..data.images import describe, load_data
+    from tqdm.auto import tqdm
+
+    from ..data.stream import open_images
     from ..core.spectrum import GaussianSpectrum
 
-    data = load_data(args.data, "train", limit=args.max_samples, seed=args.seed)
-    print(describe(data))
+    data = open_images(args.data, "train", limit=args.max_samples, seed=args.seed)
+    grid = "continuous" if data.grid is None else f"{data.grid.levels} levels"
+    print(f"{data.source}: {len(data)} images of shape {data.shape}, {grid}")
     if not args.diagonal and len(data) <= data.d:
         raise ValueError(f"a full covariance of {data.d} dimensions needs more than {data.d} images (got "
                          f"{len(data)}); pass --diagonal or use more images")
     if args.dequantize and data.grid is None:
         raise ValueError(f"--dequantize needs data on a grid; {data.source} is continuous")
     added = data.grid.delta**2 / 12.0 if args.dequantize else 0.0  # the variance of u ~ U(-delta/2, delta/2)
-    spectrum = GaussianSpectrum.from_batches(data.x.split(BATCH), diagonal=args.diagonal, added_variance=added)
+    with tqdm(total=len(data), unit="img", desc="spectrum", dynamic_ncols=True, disable=None) as bar:
+        batches = (bar.update(len(xb)) or xb for xb in data.chunks(BATCH))  # one streaming pass
+        spectrum = GaussianSpectrum.from_batches(batches, diagonal=args.diagonal, added_variance=added)
     spectrum.save(out)
     eigs = spectrum.log_eigs.exp()
     kind = ("diagonal" if args.diagonal else "full") + (" dequantized" if args.dequantize else "")

@@ -25,6 +25,7 @@ import io
 import os
 import pickle
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -47,6 +48,7 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _SHOW = 5  # file names shown in one error message
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # PIL modes with more than 8 bits per sample
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,7 +189,18 @@ def list_images(folder: Path) -> list[Path]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(root) / f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+    odd = [p for p in found if not _is_regular(p)]
+    if odd:  # a FIFO or a device would block the decoder forever
+        raise ValueError(f"{len(odd)} image name(s) that are not regular files: "
+                         f"{', '.join(p.relative_to(folder).as_posix() for p in odd[:_SHOW])}")
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False  # a dangling link
 
 
 def read_image_folder(folder, *, limit: int | None = None, seed: int = 0) -> ImageData:
@@ -236,10 +249,22 @@ def decode_images(paths: Sequence[Path], names: Sequence[str]) -> np.ndarray:
     return np.stack(arrays)
 
 
+def check_8bit(img) -> None:
+    """Refuse an image with more than 8 bits per sample: PIL reads 16-bit colour or grey+alpha
+    PNGs as 8-bit modes, dropping the low byte without a word, so the PNG header is read here."""
+    if img.mode in WIDE_MODES:
+        raise ValueError(f"{img.mode} pixels are not 8-bit; only 8-bit images are supported")
+    if img.format == "PNG":
+        img.fp.seek(0)
+        header = img.fp.read(25)  # signature (8), IHDR length and type (8), width, height (8), bit depth (1)
+        if len(header) == 25 and header[12:16] == b"IHDR" and header[24] > 8:
+            raise ValueError(f"{header[24]}-bit PNG; only 8-bit images are supported (save it with 8 bits per "
+                             "channel)")
+
+
 def _pixels(img) -> np.ndarray:
     """One PIL image as ``(C, H, W)`` uint8: grey stays one channel, alpha and palettes are dropped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        raise ValueError(f"{img.mode} pixels are not 8-bit; only 8-bit images are supported")
+    check_8bit(img)
     if img.mode in ("1", "L", "LA"):
         img = img.convert("L")
     elif img.mode != "RGB":
@@ -404,6 +429,13 @@ def read_cifar10(source, split: str = "train") -> ImageData:
     included.  The batch files are pickles, decoded by a restricted unpickler that
     accepts only plain containers and numpy arrays (:class:`_CifarUnpickler`).
     """
+    pixels, labels, classes = cifar10_pixels(source, split)
+    return ImageData(x=from_uint8(pixels), grid=GRID_8BIT, source=f"{source} ({split})", labels=labels,
+                     classes=classes)
+
+
+def cifar10_pixels(source, split: str = "train") -> tuple[np.ndarray, torch.Tensor, tuple[str, ...]]:
+    """The ``(n, 3, 32, 32)`` uint8 pixels, labels and class names of :func:`read_cifar10`."""
     source = Path(source)
     names = CIFAR10_BATCHES[split]
     members = _read_members(source, (*names, "batches.meta"))
@@ -419,8 +451,7 @@ def read_cifar10(source, split: str = "train") -> ImageData:
         given = meta.get("label_names")
         if isinstance(given, list) and len(given) == 10:
             classes = tuple(v.decode("latin1") if isinstance(v, bytes) else str(v) for v in given)
-    return ImageData(x=from_uint8(pixels), grid=GRID_8BIT, source=f"{source} ({split})", labels=labels,
-                     classes=classes)
+    return pixels, labels, classes
 
 
 # ----------------------------------------------------------------------------- export
