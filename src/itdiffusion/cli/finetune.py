@@ -69,6 +69,7 @@ def run(args) -> int:
 
     from .. import fileio as _io
     from ..data.images import describe, load_data
+    from ..data.stream import open_images
     from ..model import ITDiffusion
     from ..resolve import resolve_model
     from ..training.train import TrainConfig, train
@@ -77,7 +78,7 @@ def run(args) -> int:
     out = Path(args.out)
     _check_out(out, args.resume)
     spectrum = load_spectrum(args.spectrum)
-    data = load_data(args.data, "train", limit=args.limit, seed=args.seed)
+    data = open_images(args.data, "train", limit=args.limit, seed=args.seed)  # read batch by batch
     test = load_data(args.test_data, "test", limit=args.test_examples, seed=args.seed) if args.test_data else None
     check_registry_model(args, data, need_weights=False)
     loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
@@ -124,7 +125,7 @@ def run(args) -> int:
         print(line + f"  {record.seconds:.1f} s", flush=True)
 
     try:
-        history = train(model, data.x, config, x_val=None if test is None else test.x, discrete=grid, out_dir=out,
+        history = train(model, data, config, x_val=None if test is None else test.x, discrete=grid, out_dir=out,
                         resume=args.resume, meta=description, progress=not args.quiet, on_epoch=on_epoch,
                         world=world)
         if world.is_main and history.records:  # also when a resumed run had nothing left to do

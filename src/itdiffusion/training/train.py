@@ -130,7 +130,10 @@ def train(
     """Train ``model``'s denoiser on ``x_train`` with the IT objective; returns the history.
 
     Args:
-        x_train, x_val: ``(n, *shape)`` tensors (moved to the model's device per batch).
+        x_train: ``(n, *shape)`` tensor, or a source read on demand (``len(x_train)``, its ``shape``
+            and ``x_train[indices]``, e.g. :class:`~itdiffusion.data.stream.ImageSource`), so that a data
+            set larger than memory is never held whole; rows are moved to the model's device per batch.
+        x_val: ``(n, *shape)`` tensor.
         discrete: validate with the discrete bound on this grid.
         out_dir: where ``checkpoint.safetensors`` and ``history.json`` are written
             (atomically) after every epoch.
@@ -142,7 +145,7 @@ def train(
     """
     world = world or World()
     config.validate()
-    model.check_data(x_train, None, name="training data")
+    _check_train_data(model, x_train)
     if x_val is not None:
         model.check_data(x_val, discrete, name="validation data")
     device = _device(model)
@@ -200,6 +203,24 @@ def _loss_function(model: ITDiffusion, device: torch.device, world: World):
     return DistributedDataParallel(_Loss(model), device_ids=ids, broadcast_buffers=False)
 
 
+def _check_train_data(model: ITDiffusion, x_train) -> None:
+    """A tensor is checked whole; a source read on demand (``len``, ``shape``, ``source[indices]``,
+    e.g. :class:`~itdiffusion.data.stream.ImageSource`) by its shape here and batch by batch when read."""
+    if isinstance(x_train, torch.Tensor):
+        model.check_data(x_train, None, name="training data")
+    elif tuple(getattr(x_train, "shape", ())) != tuple(model.shape) or len(x_train) == 0:
+        raise ValueError(f"training data of {len(x_train)} examples of shape {tuple(getattr(x_train, 'shape', ()))} "
+                         f"do not fit a model of examples of shape {tuple(model.shape)}")
+
+
+def _read_batch(x_train, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` of the training data; rows read on demand are checked as they arrive."""
+    x = x_train[indices]
+    if not isinstance(x_train, torch.Tensor) and not bool(torch.isfinite(x).all()):
+        raise ValueError("training data contain NaN or Inf")
+    return x
+
+
 def _epoch_batches(n: int, config: TrainConfig, epoch: int, world: World) -> list[torch.Tensor]:
     """Every batch of the epoch (the same permutation on every process)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch)))
@@ -224,7 +245,7 @@ def _run_epoch(model, loss_fn, optimizer, x_train, config, epoch, device, progre
         for step, batch in enumerate(batches):
             _set_lr(optimizer, config, (epoch - 1) * len(batches) + step, config.epochs * len(batches))
             rows = slice(world.rank, None, world.size)
-            x = x_train[batch[rows]].to(device)
+            x = _read_batch(x_train, batch[rows]).to(device)
             if config.dequantize:
                 u = torch.rand((len(batch), *x.shape[1:]), generator=gen, device=gen.device, dtype=x.dtype)
                 x = x + config.dequantize * (u[rows].to(device) - 0.5)
