@@ -2,13 +2,13 @@
 
 ``itd.evaluate(model, batches, n_points, checkpoint=folder, checkpoint_every=0.0,
 per_sample_curves=True)`` on a cheap exact denoiser (a 16-dimensional Gaussian mixture), for
-(1k, 10k, 50k) examples x (100, 1000) points.  Each configuration runs in a fresh process, so
+(1k, 10k, 50k) examples x (100, 1000) points, and 2k and 20k x 1000 (the linear-cost check).  Each configuration runs in a fresh process, so
 its peak resident memory (``ru_maxrss``, which includes the ~220 MB of importing torch) is
 its own; saving time is measured around every write of a chunk of rows, once saving after every
 batch of 500 examples (``checkpoint_every=0``: the worst case, each save an fsync'd file) and once
 every 10 s.
 
-    python benchmarks/scale.py            # the full table (about 20 minutes on 2 CPU cores)
+    python benchmarks/scale.py --json benchmarks/scale.json   # the full table (about 25 minutes on 2 CPU cores)
     python benchmarks/scale.py --quick    # 1k and 10k examples x 100 points
 """
 
@@ -72,8 +72,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1k and 10k examples x 100 points only")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 50_000)
-    grid = [(n, p) for p in ((100,) if args.quick else (100, 1000)) for n in sizes]
+    if args.quick:
+        grid = [(1_000, 100), (10_000, 100)]
+    else:  # 2k and 20k x 1000: the issue's test of linear cost (at most 12x the time for 10x the examples)
+        grid = [(n, 100) for n in (1_000, 10_000, 50_000)] + [(n, 1000) for n in (1_000, 2_000, 10_000, 20_000, 50_000)]
     rows = []
     print("| examples x points | peak memory (MB) | wall time (s) | saving, every batch (% of time) | "
           f"saving, every {INTERVAL:g} s (% of time) | progress folder (MiB) |")
@@ -86,6 +88,11 @@ def main() -> None:
         print(f"| {n:,} x {points:,} | {row['peak_mb']:.0f} | {row['seconds']:.1f} | "
               f"{100 * row['saving_s'] / row['seconds']:.2f} | {100 * row['saving_interval_fraction']:.2f} | "
               f"{row['progress_mib']:.1f} |", flush=True)
+    by = {(r["examples"], r["points"]): r for r in rows}
+    if (2_000, 1000) in by and (20_000, 1000) in by:
+        small, large = by[(2_000, 1000)], by[(20_000, 1000)]
+        print(f"\n20,000 vs 2,000 examples x 1,000 points: time {large['seconds'] / small['seconds']:.2f}x "
+              f"(goal at most 12x), peak memory {large['peak_mb']:.0f} MB (goal under 600 MB)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

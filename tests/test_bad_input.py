@@ -196,13 +196,15 @@ def files(tmp_path_factory):
 
 
 def _snapshot(root: Path) -> dict:
-    """Every file and folder under ``root`` with its size and modification time."""
+    """Every file and folder under ``root``, files with their size and modification time (a folder's
+    own time changes when a run's lock file comes and goes beside an output; its entries are listed)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             st = path.stat()
-            out[path.relative_to(root).as_posix()] = (path.is_dir(), 0 if path.is_dir() else st.st_size, st.st_mtime_ns)
+            out[path.relative_to(root).as_posix()] = (path.is_dir(), 0 if path.is_dir() else st.st_size,
+                                                      0 if path.is_dir() else st.st_mtime_ns)
     return out
 
 
@@ -314,6 +316,18 @@ CLI_CASES = [
     ("eval-out-is-a-folder", [*EV, "--out", "{res_dir}"], "is a folder"),
     ("eval-out-exists", [*EV, "--out", "{done}"], "exists; pass --overwrite"),
     ("eval-missing-data", [*EV, "--data", "{missing}", "--out", "{out}/r.json"], "does-not-exist"),
+    # numeric flags are range-checked (no terabyte allocation, endless loop or segfault) and name the flag
+    ("eval-points-1e10", [*EV, "--points", "10000000000", "--out", "{out}/r.json"], "--points: at most 10,000,000"),
+    ("eval-seed-negative", [*EV, "--seed", "-1", "--out", "{out}/r.json"], "--seed: a seed must lie in"),
+    ("eval-device-foo", [*EV[:-2], "--device", "foo", "--out", "{out}/r.json"], "--device 'foo' is not a torch device"),
+    ("eval-device-cuda-on-cpu", [*EV[:-2], "--device", "cuda", "--out", "{out}/r.json"], "no CUDA GPU"),
+    ("eval-device-meta", [*EV[:-2], "--device", "meta", "--out", "{out}/r.json"], "--device meta"),
+    ("finetune-epochs-huge", [*FT, "--epochs", "100000000000000000000", "--out", "{out}/r"], "--epochs: at most"),
+    ("compare-tol-tiny", ["compare", "--model", "gmm-exact", "--data", "sample:4", "--tol", "1e-300"], "--tol must lie in"),
+    ("compare-threads-huge", ["compare", "--model", "gmm-exact", "--data", "sample:4", "--threads", "100000"],
+     "--threads must be a positive integer of at most"),
+    ("compare-device-foo", ["compare", "--model", "gmm-exact", "--data", "sample:4", "--device", "foo"],
+     "is not a torch device"),
     ("eval-empty-folder", [*EV, "--data", "{empty}", "--out", "{out}/r.json"], "no png/jpg/jpeg"),
     ("eval-corrupt-png", [*EV, "--data", "{corrupt}", "--out", "{out}/r.json"], "c0_bad.png"),
     ("eval-mixed-sizes", [*EV, "--data", "{mixed}", "--out", "{out}/r.json"], "images differ in size"),

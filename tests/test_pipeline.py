@@ -211,6 +211,57 @@ def test_finetune_resume_and_refusals(pipeline, tmp_path, capsys):
     assert not (tmp_path / "run3").exists()
 
 
+@pytest.mark.parametrize("flag,value,key", [("--limit", "48", "limit"), ("--seed", "3", "seed"),
+                                            ("--proposal", "logistic", "proposal"), ("--clip", "4", "train_clip"),
+                                            ("--spectrum", "OTHER", "spectrum_id"), ("--model", "RUN", "model"),
+                                            ("--dequantize", None, "dequantize"),
+                                            ("--test-data", "digits", "test_data")])
+def test_finetune_resume_refuses_every_changed_setting(pipeline, tmp_path, capsys, flag, value, key):
+    """A resumed run continues on exactly the data, model, spectrum and proposal it began with."""
+    spectrum = pipeline["spectrum"]
+    out = tmp_path / "run"
+    base = ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--limit", "64",
+            "--batch-size", "32", "--quiet", "--device", "cpu", "--out", str(out), "--epochs", "1"]
+    assert main(base) == 0
+    if value == "OTHER":
+        value = str(tmp_path / "other.npz")
+        assert main(["spectrum", "--data", "digits", "--out", value]) == 0
+    value = str(pipeline["run"]) if value == "RUN" else value
+    changed = list(base)
+    if flag in changed:
+        changed[changed.index(flag) + 1] = value
+    else:
+        changed += [flag] + ([value] if value is not None else [])
+    before = (out / "checkpoint.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(changed + ["--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} differs" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_outputs_never_replace_inputs(pipeline, tmp_path, capsys):
+    """eval, compare, finetune and spectrum refuse an output that is, or writes a sibling over, an input."""
+    spectrum = tmp_path / "s.npz"
+    spectrum.write_bytes(pipeline["spectrum"].read_bytes())
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((40, 1, 8, 8), np.uint8))
+    before = {p: p.read_bytes() for p in (spectrum, data)}
+    cases = [
+        ["eval", "--model", "small-unet", "--spectrum", str(spectrum), "--out", str(tmp_path / "s.json"), *EVAL_ARGS],
+        ["spectrum", "--data", str(data), "--out", str(data)],
+        ["compare", "--model", "gmm-exact", "--data", str(data), "--out", str(data), "--methods", "it"],
+        ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--out", str(tmp_path),
+         "--quiet"],
+    ]
+    for argv in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert ("would replace" in err or "is a file" in err) and len(err.strip().splitlines()) == 1, (argv, err)
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_two_process_finetune_writes_one_run_equal_to_one_process(pipeline, tmp_path):
     """Two processes train with the noise one process draws, and the gradient of the same batch mean.
 

@@ -11,13 +11,41 @@ MODEL_HELP = ("a registry name (ddpm-cifar10, iddpm-cifar10-vlb), small-unet (fr
               "a weights file, a diffusers folder, or a run directory written by itd finetune")
 
 
-def positive_int(text: str) -> int:
+MAX_COUNT = 10**9  # images, examples: more than any data set this runs on
+MAX_CALLS = 10**7  # network calls per example (the paper uses 1,000)
+MAX_BATCH = 2**24  # (example, point) pairs or images per step
+MAX_EPOCHS = 10**6
+MAX_SEED = 2**63 - 1
+
+
+def positive_int(text: str, most: int = MAX_COUNT) -> int:
+    """A positive integer of at most ``most`` (so that no flag can ask for a terabyte or a century)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"at most {most:,}, got {value:,}")
+    return value
+
+
+def int_up_to(most: int):
+    """``positive_int`` with its own bound, for ``type=`` of an argument."""
+    def parse(text: str) -> int:
+        return positive_int(text, most)
+    parse.__name__ = "positive integer"
+    return parse
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed must lie in 0 .. 2^63 - 1, got {value}")
     return value
 
 

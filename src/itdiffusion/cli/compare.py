@@ -183,24 +183,54 @@ def run(args) -> int:
         raise UsageError("--out takes the JSON path; the Markdown table is written beside it")
     if args.out and Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a folder; give a file name such as compare.json")
-    for name in ("threads", "limit", "n_points", "probes", "ode_steps", "vlb_steps", "vlb_calls", "batch_size",
-                 "dim", "components"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if not (args.tol > 0 and math.isfinite(args.tol)):
-        raise UsageError(f"--tol must be a positive number, got {args.tol}")
-    threads = args.threads or (1 if args.model == GMM else None)
-    if threads:
-        torch.set_num_threads(threads)
-    model, x, grid = _gmm_setup(args) if args.model == GMM else _registry_setup(args)
-    x = x[: args.limit] if args.limit else x
-    device = torch.device(args.device)
-    model, x = model.to(device), x.to(device)
-    options = {m: opts for m, opts in _options(args).items() if m in methods}
-    table = compare(model, x, methods, seed=args.seed, discrete=grid, options=options)
-    title = f"itd compare: {args.model} on {args.data}"
-    print(table.to_markdown(title) if args.format == "markdown" else table.to_json(), end="")
-    if args.out:
-        table.save(args.out, title=title, meta={"model": args.model, "data": args.data})
+    _check_numbers(args)
+    from ..training.distributed import check_device
+
+    device = check_device(args.device)
+    lock = _guard_outputs(args) if args.out else None
+    try:
+        threads = args.threads or (1 if args.model == GMM else None)
+        if threads:
+            torch.set_num_threads(threads)
+        model, x, grid = _gmm_setup(args) if args.model == GMM else _registry_setup(args)
+        x = x[: args.limit] if args.limit else x
+        model, x = model.to(device), x.to(device)
+        options = {m: opts for m, opts in _options(args).items() if m in methods}
+        table = compare(model, x, methods, seed=args.seed, discrete=grid, options=options)
+        title = f"itd compare: {args.model} on {args.data}"
+        print(table.to_markdown(title) if args.format == "markdown" else table.to_json(), end="")
+        if args.out:
+            table.save(args.out, title=title, meta={"model": args.model, "data": args.data})
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
+
+
+# the largest value each count may take: no flag may ask for a terabyte, a century or a segfault
+_MOST = {"limit": 10**9, "n_points": 10**7, "probes": 10**4, "ode_steps": 10**6, "vlb_steps": 10**6,
+         "vlb_calls": 10**6, "batch_size": 2**24, "dim": 10**6, "components": 10**4}
+MIN_TOL = 1e-12  # below this an adaptive float64 solver only takes its maximum number of steps
+
+
+def _check_numbers(args) -> None:
+    import os
+
+    most = dict(_MOST, threads=max(64, 4 * (os.cpu_count() or 1)))
+    for name, top in most.items():
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= top:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer of at most {top:,}, got {value}")
+    if not (MIN_TOL <= args.tol <= 1.0):
+        raise UsageError(f"--tol must lie in {MIN_TOL:g} .. 1, got {args.tol}")
+    if not 0 <= args.seed < 2**63 or not 0 <= args.mixture_seed < 2**63:
+        raise UsageError(f"--seed and --mixture-seed must lie in 0 .. 2^63 - 1, got {args.seed}, {args.mixture_seed}")
+
+
+def _guard_outputs(args):
+    """Refuse an --out (or the Markdown beside it) that would replace an input; hold its lock."""
+    from ..guard import OutputLock, check_outputs
+
+    out = Path(args.out)
+    check_outputs([out, out.with_suffix(".md")], [args.data, args.model, args.weights, args.spectrum])
+    return OutputLock(out).acquire()

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import DATA_HELP, add_device_arg, add_model_args, positive_int
+from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, add_device_arg, add_model_args, int_up_to, positive_int,
+                      seed_int)
 
 CHECKPOINT_EVERY = 300.0  # seconds between saves of partial progress
 
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help=DATA_HELP + "; its test split is used")
     p.add_argument("--spectrum", required=True, help="spectrum .npz of the training data (itd spectrum)")
     p.add_argument("--out", required=True, help="results file (.json; the arrays go beside it as .npz)")
-    p.add_argument("--points", type=positive_int, default=1000, help="network calls per image and pass")
+    p.add_argument("--points", type=int_up_to(MAX_CALLS), default=1000, help="network calls per image and pass")
     p.add_argument("--soft-round", action="store_true", help="discrete bound with soft (posterior-mean) rounding "
                    "instead of hard rounding")
     p.add_argument("--dequantize", action="store_true", help="also estimate the dequantized likelihood "
@@ -42,10 +43,10 @@ def add_parser(sub) -> None:
     p.add_argument("--protocol", choices=["ours", "paper"], default="ours", help="'ours': this package's "
                    "estimators; 'paper': the published code's test protocol (its shared points from --seed, clip 4 "
                    "unless --clip, its soft rounding, tails and headline discrete figure; see docs/protocols.md)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the --limit draw)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise (and of the --limit draw)")
     p.add_argument("--limit", type=positive_int, help="evaluate this many images, drawn at random by --seed")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="(image, point) pairs per network call")
-    p.add_argument("--images-per-step", type=positive_int, help="images evaluated between progress updates and "
+    p.add_argument("--batch-size", type=int_up_to(MAX_BATCH), default=256, help="(image, point) pairs per network call")
+    p.add_argument("--images-per-step", type=int_up_to(MAX_BATCH), help="images evaluated between progress updates and "
                    "saves (default: as many as fit 2^24 noise values)")
     p.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY, help="seconds between saves of "
                    "partial progress (0: after every step)")
@@ -98,12 +99,26 @@ def run(args) -> int:
     out = Path(args.out)
     _check_args(args, out)
     world, device = start_world(args)
+    lock = None
     try:
         if args.resume and not ProgressStore(progress_path(out)).exists():
             raise ValueError(f"nothing to resume: no {progress_path(out)} (run without --resume to start)")
+        if world.is_main:  # the other processes write only inside the progress folder, under this lock
+            lock = _guard_outputs(args, out)
         return _evaluate(args, out, world, device)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(world)
+
+
+def _guard_outputs(args, out: Path):
+    """Refuse outputs that would replace an input or cannot be written; hold the output lock."""
+    from ..guard import OutputLock, check_outputs
+
+    inputs = [args.data, args.spectrum, args.model, args.weights, getattr(args, "pilot_data", None)]
+    check_outputs([out, out.with_suffix(".npz"), progress_path(out)], inputs)
+    return OutputLock(out).acquire()
 
 
 def _setup(args, world, device):

@@ -6,7 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from ._common import DATA_HELP, add_device_arg, add_model_args, positive_float, positive_int
+from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, MAX_EPOCHS, add_device_arg, add_model_args, int_up_to,
+                      positive_float, positive_int, seed_int)
 
 RUN_INFO = "run.json"
 
@@ -25,9 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help=DATA_HELP + "; its training split is used")
     p.add_argument("--spectrum", required=True, help="spectrum .npz of the training data (itd spectrum)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--epochs", type=positive_int, default=10, help="total epochs (including resumed ones)")
+    p.add_argument("--epochs", type=int_up_to(MAX_EPOCHS), default=10, help="total epochs (including resumed ones)")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (over all processes)")
+    p.add_argument("--batch-size", type=int_up_to(MAX_BATCH), default=64, help="images per step (over all processes)")
     p.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this")
     p.add_argument("--dequantize", action="store_true", help="train on x + u, u uniform over one grid step: the "
                    "objective then bounds the discrete -log P(x) (as the dequantized estimate of itd eval does); "
@@ -40,13 +41,13 @@ def add_parser(sub) -> None:
                    "over the run (cosine: decays to 0 over all epochs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--test-data", help="evaluate the test NLL after every epoch on this data (its test split)")
-    p.add_argument("--test-points", type=positive_int, default=64, help="network calls per test image")
+    p.add_argument("--test-points", type=int_up_to(MAX_CALLS), default=64, help="network calls per test image")
     p.add_argument("--test-examples", type=positive_int, default=1000, help="test images (drawn by --seed)")
     p.add_argument("--test-metric", choices=["auto", "continuous", "discrete"], default="auto",
                    help="per-epoch test NLL: the continuous -log p(x) (what the training loss estimates) or the "
                    "discrete bound on -log P(x); auto: discrete for data on a grid")
     p.add_argument("--limit", type=positive_int, help="train on this many images, drawn at random by --seed")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation (small-unet), shuffling and noise")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation (small-unet), shuffling and noise")
     add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -65,6 +66,20 @@ def _check_out(out: Path, resume: bool) -> None:
 
 
 def run(args) -> int:
+    from ..guard import OutputLock, check_outputs
+
+    out = Path(args.out)
+    _check_out(out, args.resume)
+    from ..training.distributed import world_from_env
+
+    check_outputs([out], [args.data, args.test_data, args.spectrum, args.model, args.weights])
+    if not world_from_env().is_main:  # the first process holds the lock for all of them
+        return _run(args, out)
+    with OutputLock(out):
+        return _run(args, out)
+
+
+def _run(args, out: Path) -> int:
     import torch
 
     from .. import fileio as _io
@@ -75,8 +90,6 @@ def run(args) -> int:
     from ..training.train import TrainConfig, train
     from ._common import check_registry_model, check_shapes, load_spectrum, say, start_world
 
-    out = Path(args.out)
-    _check_out(out, args.resume)
     spectrum = load_spectrum(args.spectrum)
     data = open_images(args.data, "train", limit=args.limit, seed=args.seed)  # read batch by batch
     test = load_data(args.test_data, "test", limit=args.test_examples, seed=args.seed) if args.test_data else None
@@ -112,7 +125,9 @@ def run(args) -> int:
     info = {"model": args.model, "label": description["label"], "data": args.data, "test_data": args.test_data,
             "spectrum": args.spectrum, "shape": list(data.shape), "d": data.d, "test_metric": metric,
             "dequantize": args.dequantize, "train_clip": model.train_clip, "proposal": args.proposal,
-            "processes": world.size}
+            "processes": world.size, **_identity(args, data, spectrum)}
+    if args.resume:
+        _check_resume(out, info)
     grid = test.grid if metric == "discrete" else None
 
     def on_epoch(record, _model):
@@ -137,6 +152,50 @@ def run(args) -> int:
     say(world, f"wrote {out}/checkpoint.safetensors, history.json, {RUN_INFO}")
     torch.cuda.empty_cache() if device.type == "cuda" else None
     return 0
+
+
+RESUME_KEYS = ("model", "limit", "seed", "data_id", "spectrum_id", "shape", "train_clip", "proposal",
+               "dequantize", "test_data", "test_metric", "test_examples", "test_points")
+"""What must be unchanged when a run is resumed (batch size, lr and the rest are checked by ``train``)."""
+
+
+def _identity(args, data, spectrum) -> dict:
+    """Settings and content identities of the run, compared by ``--resume``."""
+    import hashlib
+
+    from ..data.stream import Chunks
+
+    digest = hashlib.sha256(repr((len(data), data.shape, data.grid)).encode())
+    ends = [Chunks(data, 64, 0, 64), Chunks(data, 64, max(0, len(data) - 64))]  # first and last images: cheap
+    for x in (x for part in ends for x in part):
+        digest.update(x.numpy().tobytes())
+    spec = hashlib.sha256(b"".join(t.double().cpu().numpy().tobytes() for t in
+                                   (spectrum.mean, spectrum.log_eigs) if t is not None))
+    return {"limit": args.limit, "seed": args.seed, "test_examples": args.test_examples,
+            "test_points": args.test_points, "data_id": digest.hexdigest()[:16], "spectrum_id": spec.hexdigest()[:16]}
+
+
+def _check_resume(out: Path, info: dict) -> None:
+    """Refuse to continue a run on other settings, naming the first that differs."""
+    from .. import fileio as _io
+
+    path = out / RUN_INFO
+    try:
+        saved = _io.load_json(path)
+    except ValueError as err:
+        raise ValueError(f"--resume: cannot read {path} ({err}); start a new run with another --out") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} is not a run description; start a new run with another --out")
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != _jsonable(info.get(key)):
+            raise ValueError(f"--resume: {key} differs from the run's ({path} has {saved[key]!r}, this command "
+                             f"gives {info.get(key)!r}); repeat the run's settings or choose another --out")
+
+
+def _jsonable(value):
+    import json
+
+    return json.loads(json.dumps(value))
 
 
 def _tuned_label(label: str) -> str:

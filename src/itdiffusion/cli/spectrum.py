@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ._common import DATA_HELP, positive_int
+from ._common import DATA_HELP, positive_int, seed_int
 
 BATCH = 2048  # images per accumulation step
 
@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
                    "adds delta^2/12 to every eigenvalue (exactly). Recommended when some pixels are constant (digits): "
                    "it keeps the Gaussian reference of dequantized data from degenerating")
     p.add_argument("--max-samples", type=positive_int, help="use this many images, drawn at random by --seed")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --max-samples draw")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the --max-samples draw")
     p.set_defaults(func=run)
 
 

@@ -53,11 +53,31 @@ def device_for(world: World, requested: str | None = None) -> torch.device:
     With several processes on CUDA each takes ``cuda:LOCAL_RANK``.
     """
     kind = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(kind)
+    device = check_device(kind)
     if device.type == "cuda" and device.index is None and world.distributed:
         device = torch.device("cuda", world.local_rank)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    return device
+
+
+def check_device(name: str) -> torch.device:
+    """``torch.device(name)`` if this machine can compute on it; ``ValueError`` naming ``--device`` otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:0 or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this PyTorch build or machine has no CUDA GPU (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
+    elif device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {name}: {device.type} devices cannot run an evaluation (use cpu or cuda)")
+    elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ValueError(f"--device {name}: no XPU device here (use --device cpu)")
     return device
 
 
