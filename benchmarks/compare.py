@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import itdiffusion as itd
-from itdiffusion.baselines.methods import EXACT_TRACE_MAX_D
+from itdiffusion.baselines import EXACT_TRACE_MAX_D
 from itdiffusion.baselines.compare import demo_mixture
 
 TARGET_BPD = 0.01

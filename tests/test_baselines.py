@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import itdiffusion as itd
-from itdiffusion.baselines import methods as bl
+from itdiffusion import baselines as bl
 from itdiffusion.core.channel import add_noise, alpha_sigma
 from conftest import gaussian_sample, make_mixture, random_gaussian, within
 

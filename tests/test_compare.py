@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import itdiffusion as itd
-from itdiffusion.baselines import methods as bl
+from itdiffusion import baselines as bl
 from itdiffusion.cli import main
 from itdiffusion.baselines.compare import (default_variance, demo_mixture, denoiser_schedule,
                                  learned_variance_denoiser, mixture_spectrum)

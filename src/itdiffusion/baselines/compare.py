@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .. import fileio as _io
-from . import methods as baselines
+from .. import baselines
 from ..core.grid import DiscreteGrid
 from ..core.noise import seed_from
 
