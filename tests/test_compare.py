@@ -13,7 +13,7 @@ from itdiffusion import baselines as bl
 from itdiffusion.cli import main
 from itdiffusion.baselines.compare import (default_variance, demo_mixture, denoiser_schedule,
                                  learned_variance_denoiser, mixture_spectrum)
-from itdiffusion.denoisers import IDDPMDenoiser
+from itdiffusion.denoisers import DiffusersDenoiser, IDDPMDenoiser
 from conftest import make_mixture, within
 
 
@@ -158,7 +158,7 @@ def test_default_schedule_and_variance_without_a_schedule():
     model = itd.ITDiffusion(mix, itd.GaussianSpectrum.isotropic((2,)))
     assert denoiser_schedule(mix) is None and default_variance(mix) == "fixed_large"
     assert learned_variance_denoiser(mix) is None
-    diffusers_like = SimpleNamespace(scheduler_config={"variance_type": "fixed_small"})
+    diffusers_like = DiffusersDenoiser(torch.nn.Identity(), {"num_train_timesteps": 10, "variance_type": "fixed_small"})
     assert default_variance(diffusers_like) == "fixed_small"
     x = mix.sample(3, torch.Generator().manual_seed(0))
     res = itd.compare(model, x, ("vlb",), seed=0, options={"vlb": {"steps": 40}})["vlb"]

@@ -10,8 +10,8 @@ Methods:
 
 - ``"it"``: the information-theoretic estimate, :meth:`ITDiffusion.nll`.
 - ``"vlb"``: the discrete-time variational bound (:func:`baselines.vlb_discrete`) on the
-  denoiser's own schedule when it has one (adapters expose ``denoiser.timesteps``, a
-  ``LogSNRTimestepMap`` with ``alphas_cumprod``), else on a log-SNR-linear schedule of
+  denoiser's own schedule when it has one (the ``Denoiser`` protocol's ``alphas_cumprod``,
+  :mod:`itdiffusion.denoisers.protocol`), else on a log-SNR-linear schedule of
   ``baselines.DEFAULT_STEPS = 1000`` steps spanning the model's integration range.
 - ``"vlb-ct"``: the continuous-time variational bound (:func:`baselines.vlb_continuous`).
 - ``"ode"``: the probability-flow ODE likelihood (:func:`baselines.ode_nll`).
@@ -32,6 +32,7 @@ from .. import fileio as _io
 from .. import baselines
 from ..core.grid import DiscreteGrid
 from ..core.noise import seed_from
+from ..denoisers.protocol import alphas_cumprod_of, eps_and_variance_of, variance_type_of
 
 METHODS = ("it", "vlb", "vlb-ct", "ode")
 LABELS = {
@@ -195,38 +196,23 @@ def _f(value: float) -> str:
 
 # ============================================================================ schedules and variances
 def denoiser_schedule(denoiser) -> torch.Tensor | None:
-    """The denoiser's own ``alphas_cumprod`` ``(T,)`` (adapters: ``denoiser.timesteps``), or ``None``."""
-    timesteps = getattr(denoiser, "timesteps", None)
-    abar = getattr(timesteps, "alphas_cumprod", None)
-    return None if abar is None else torch.as_tensor(abar, dtype=torch.float64)
+    """The denoiser's own ``alphas_cumprod`` ``(T,)`` (the :class:`~itdiffusion.denoisers.protocol.Denoiser`
+    protocol's optional schedule), or ``None``."""
+    return alphas_cumprod_of(denoiser)
 
 
 def learned_variance_denoiser(denoiser) -> Callable | None:
-    """``f(z, logsnr) -> (eps_hat, v)`` for networks that also output IDDPM's variance half, else ``None``.
-
-    Recognises :class:`itdiffusion.denoisers.IDDPMDenoiser` around a network with
-    ``out_channels == 2 * in_channels``.  The same network call yields both halves.
-    """
-    net, to_time = getattr(denoiser, "net", None), getattr(denoiser, "network_time", None)
-    if net is None or to_time is None:
-        return None
-    if getattr(net, "out_channels", None) != 2 * getattr(net, "in_channels", -1):
-        return None
-
-    def eps_and_v(z: torch.Tensor, logsnr: torch.Tensor):
-        out = net(z, to_time(logsnr.to(z.device).expand(len(z))))
-        c = z.shape[1]
-        return out[:, :c], out[:, c:]
-
-    return eps_and_v
+    """``f(z, logsnr) -> (eps_hat, v)`` for denoisers with a learned variance output (the protocol's
+    ``eps_and_variance``), else ``None``.  The same network call yields both halves."""
+    return eps_and_variance_of(denoiser)
 
 
 def default_variance(denoiser) -> str:
-    """``"learned"`` when the network outputs variances, the scheduler's fixed type if it names
-    one (diffusers ``variance_type``), else ``"fixed_large"``."""
+    """The denoiser's ``variance_type`` when it states one (``"learned"`` only with ``eps_and_variance``),
+    else ``"fixed_large"``."""
     if learned_variance_denoiser(denoiser) is not None:
         return "learned"
-    kind = (getattr(denoiser, "scheduler_config", None) or {}).get("variance_type")
+    kind = variance_type_of(denoiser)
     return kind if kind in ("fixed_small", "fixed_large") else "fixed_large"
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..denoisers.protocol import Denoiser
 from ..core.channel import add_noise, alpha_sigma, x_from_eps
 from ..core.errors import ErrorOptions
 from ..core.grid import DiscreteGrid
@@ -30,7 +31,6 @@ from .schedule import VARIANCES, DiscreteSchedule
 _MAX_ELEMENTS = 2**22  # elements per chunk in grid-decoder computations
 _NOISE_PER_EXAMPLE = 2**16  # noise elements drawn per example at a time (discrete-time bound)
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DenoiserWithVariance = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
