@@ -234,7 +234,7 @@ def test_discrete_vlb_bounds_finite_support_log_prob(variance, gen):
     x = law.sample(200, gen)
     exact = -law.log_prob(x)
     abar = bl.logsnr_linear_alphas_cumprod(*model.logsnr_range(), 400)
-    terms = bl.vlb_discrete(model, x, abar, generator=gen, variance=variance, grid=grid, clamp=(-1.0, 1.0))
+    terms = bl.vlb_discrete(model, x, abar, generator=gen, variance=variance, discrete=grid, clamp=(-1.0, 1.0))
     err = terms.nll - exact
     assert err.mean().item() >= -3 * err.std().item() / math.sqrt(len(err))
     assert err.mean().item() < 1.0  # and not vacuous
@@ -245,7 +245,7 @@ def test_continuous_time_vlb_on_a_grid_bounds_log_prob(gen):
     model = itd.ITDiffusion(law, itd.GaussianSpectrum.from_data(law.sample(5000, gen)))
     x = law.sample(200, gen)
     exact = -law.log_prob(x)
-    terms = bl.vlb_continuous(model, x, 128, generator=gen, grid=grid)
+    terms = bl.vlb_continuous(model, x, 128, generator=gen, discrete=grid)
     err = terms.nll - exact
     # rare large errors at high log-SNR make the estimator skewed: the sample se understates it
     assert err.mean().item() >= -4 * err.std().item() / math.sqrt(len(err))

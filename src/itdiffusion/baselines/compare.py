@@ -217,16 +217,16 @@ def default_variance(denoiser) -> str:
 
 
 # ============================================================================ methods
-def _run_it(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
+def _run_it(model, x, seed, discrete, opts) -> tuple[torch.Tensor, float, dict]:
     n_points = int(opts.get("n_points", 256))
     kwargs = {k: opts[k] for k in ("clip", "placement", "antithetic", "batch_size", "clamp") if k in opts}
-    if grid is not None:
+    if discrete is not None:
         kwargs["rounding"] = opts.get("rounding", "hard")
-    nll = model.nll(x, n_points, seed=seed, discrete=grid, **kwargs)
+    nll = model.nll(x, n_points, seed=seed, discrete=discrete, **kwargs)
     return nll, n_points, {"n_points": n_points, **kwargs}
 
 
-def _run_vlb(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
+def _run_vlb(model, x, seed, discrete, opts) -> tuple[torch.Tensor, float, dict]:
     abar = opts.get("alphas_cumprod")
     source = "given"
     if abar is None:
@@ -241,27 +241,27 @@ def _run_vlb(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
     denoiser = learned_variance_denoiser(model.denoiser) if variance == "learned" else model
     if denoiser is None:
         raise ValueError("variance='learned' needs a network with a variance output (IDDPM, out_channels = 2C)")
-    clamp = opts.get("clamp", None if grid is None else (grid.lo, grid.hi))
-    terms = baselines.vlb_discrete(denoiser, x, abar, seed=seed, variance=variance, grid=grid,
+    clamp = opts.get("clamp", None if discrete is None else (discrete.lo, discrete.hi))
+    terms = baselines.vlb_discrete(denoiser, x, abar, seed=seed, variance=variance, discrete=discrete,
                                    n_calls=opts.get("n_calls"), clamp=clamp, batch_size=opts.get("batch_size"))
     settings = {"schedule": source, "steps": len(abar), "variance": variance, "n_calls": opts.get("n_calls"),
                 "clamp": None if clamp is None else list(clamp), **_term_means(terms)}
     return terms.nll, terms.calls_per_example, settings
 
 
-def _run_vlb_ct(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
+def _run_vlb_ct(model, x, seed, discrete, opts) -> tuple[torch.Tensor, float, dict]:
     kwargs = {k: opts[k] for k in ("clip", "control_variate", "antithetic", "batch_size") if k in opts}
     n_points = int(opts.get("n_points", 256))
-    terms = baselines.vlb_continuous(model, x, n_points, seed=seed, grid=grid, **kwargs)
+    terms = baselines.vlb_continuous(model, x, n_points, seed=seed, discrete=discrete, **kwargs)
     lo, hi = model.logsnr_range(opts.get("clip"))
     return terms.nll, terms.calls_per_example, {"n_points": n_points, "logsnr_range": [lo, hi], **kwargs,
                                                 **_term_means(terms)}
 
 
-def _run_ode(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
+def _run_ode(model, x, seed, discrete, opts) -> tuple[torch.Tensor, float, dict]:
     keys = ("solver", "n_steps", "rtol", "atol", "trace", "n_probes", "clip")
     kwargs = {k: opts[k] for k in keys if k in opts}
-    result = baselines.ode_nll(model, x, seed=seed, grid=grid, **kwargs)
+    result = baselines.ode_nll(model, x, seed=seed, discrete=discrete, **kwargs)
     settings = {**kwargs, "nfe": result.nfe, "vjps_per_call": result.vjps_per_call, "steps": result.steps,
                 "rejected_steps": result.rejected}
     return result.nll, result.calls_per_example, settings

@@ -82,8 +82,9 @@ def _log_diff_ndtr(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
     return log_hi + torch.log(-torch.expm1(log_lo - log_hi))
 
 
-def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, grid: DiscreteGrid) -> torch.Tensor:
-    """``-log P(x)`` of a Gaussian discretised to ``grid``, summed per example, float64 ``(B,)``.
+def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+                             discrete: DiscreteGrid) -> torch.Tensor:
+    """``-log P(x)`` of a Gaussian discretised to ``discrete``, summed per example, float64 ``(B,)``.
 
     Each grid value owns the bin ``x +- delta/2``; the bins of the lowest and highest
     values extend to ``-inf`` and ``+inf``, so the probabilities over the grid sum to one.
@@ -91,7 +92,7 @@ def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.
     """
     x, mean = x.double(), mean.double()
     inv_std = torch.exp(-0.5 * logvar.double()).expand_as(x)
-    half = 0.5 * grid.delta
-    upper = torch.where(x >= grid.hi - 0.5 * half, torch.full_like(x, math.inf), (x + half - mean) * inv_std)
-    lower = torch.where(x <= grid.lo + 0.5 * half, torch.full_like(x, -math.inf), (x - half - mean) * inv_std)
+    half = 0.5 * discrete.delta
+    upper = torch.where(x >= discrete.hi - 0.5 * half, torch.full_like(x, math.inf), (x + half - mean) * inv_std)
+    lower = torch.where(x <= discrete.lo + 0.5 * half, torch.full_like(x, -math.inf), (x - half - mean) * inv_std)
     return -_flat(_log_diff_ndtr(upper, lower)).sum(1)

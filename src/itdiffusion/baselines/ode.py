@@ -158,7 +158,7 @@ def ode_nll(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     clip: float | None = None,
-    grid: DiscreteGrid | None = None,
+    discrete: DiscreteGrid | None = None,
 ) -> ODEResult:
     """Probability-flow ODE likelihood ``-log p(x)`` in nats, ``(B, *shape) -> ODEResult``.
 
@@ -186,7 +186,7 @@ def ode_nll(
             ``"auto"`` (exact up to ``d = 16``).
         generator / seed: randomness for probes and dequantization (one stream per example).
         clip: range half-width in logistic scales (default ``model.clip``).
-        grid: data on a grid: returns the uniform-dequantization bound
+        discrete: data on a grid (``DiscreteGrid``): returns the uniform-dequantization bound
             ``-log p(x + delta u) - d log delta`` on ``-log P(x)``.
 
     Returns:
@@ -199,15 +199,15 @@ def ode_nll(
         raise ValueError(f"unknown trace {trace!r}; choose 'auto', 'exact' or 'hutchinson'")
     if int(n_steps) != n_steps or n_steps < 1 or int(n_probes) != n_probes or n_probes < 1:
         raise ValueError(f"n_steps and n_probes must be positive integers, got {n_steps!r}, {n_probes!r}")
-    model.check_data(x, grid)
+    model.check_data(x, discrete)
     clip = model.clip if clip is None else float(clip)
     seed = seed_from(generator) if seed is None else int(seed)
     d = model.d
     gens = example_generators(seed, range(len(x)), salt=2)
     exact = trace == "exact" or (trace == "auto" and d <= EXACT_TRACE_MAX_D)
     probes = None if exact else _rademacher_per_example(gens, (int(n_probes), *model.shape), x)
-    if grid is not None:
-        x = x + grid.delta * (_rand_per_example(gens, model.shape, x) - 0.5)
+    if discrete is not None:
+        x = x + discrete.delta * (_rand_per_example(gens, model.shape, x) - 0.5)
     lo, hi = model.logsnr_range(clip)
     factor = ODE_SCALE_FACTOR
     time = _FlowTime(model.loc, factor * model.scale, clip / factor)
@@ -219,6 +219,6 @@ def ode_nll(
     else:
         z_lo, ell, steps, rejected = _rk_fixed(rhs, alpha_hi * x, int(n_steps), solver)
     log_p = reference_marginal_log_prob(model.spectrum, z_lo, lo) + ell + d * math.log(alpha_hi)
-    nll = -log_p - (d * math.log(grid.delta) if grid is not None else 0.0)
+    nll = -log_p - (d * math.log(discrete.delta) if discrete is not None else 0.0)
     return ODEResult(nll=nll, d=d, nfe=counter["calls"], vjps_per_call=d if exact else int(n_probes),
                      steps=steps, rejected=rejected)

@@ -94,7 +94,7 @@ def _step_terms(
     denoiser,
     *,
     variance: str,
-    grid: DiscreteGrid | None,
+    discrete: DiscreteGrid | None,
     clamp: tuple[float, float] | None,
 ) -> torch.Tensor:
     """The KL term (step > 0) or decoder term (step 0) for pairs ``x, eps`` ``(P, *shape)``, ``index`` ``(P,)``.
@@ -114,7 +114,10 @@ def _step_terms(
         logvar = schedule.model_log_variance(_broadcast(index, x_hat), variance, (v.double() + 1.0) / 2.0)
     x64 = x.double()
     # at t = 1 the posterior mean's coefficient of x_1 is 0: p(x_0 | x_1) has mean x_hat
-    decoder = gaussian_nll(x64, x_hat, logvar) if grid is None else discretized_gaussian_nll(x64, x_hat, logvar, grid)
+    if discrete is None:
+        decoder = gaussian_nll(x64, x_hat, logvar)
+    else:
+        decoder = discretized_gaussian_nll(x64, x_hat, logvar, discrete)
     return torch.where(index == 0, decoder, _posterior_kl(x64, x_hat, logvar, index, schedule))
 
 
@@ -139,7 +142,7 @@ def vlb_discrete(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     variance: str = "fixed_large",
-    grid: DiscreteGrid | None = None,
+    discrete: DiscreteGrid | None = None,
     n_calls: int | None = None,
     clamp: tuple[float, float] | None = None,
     batch_size: int | None = None,
@@ -159,7 +162,7 @@ def vlb_discrete(
         alphas_cumprod: ``(T,)`` strictly decreasing ``alpha_bar_t`` of the schedule.
         generator / seed: randomness; each example has its own stream.
         variance: ``"fixed_small"``, ``"fixed_large"`` or ``"learned"``.
-        grid: data on a grid: discretised-Gaussian decoder (an upper bound on ``-log P(x)``);
+        discrete: data on a grid (``DiscreteGrid``): discretised-Gaussian decoder (an upper bound on ``-log P(x)``);
             ``None``: Gaussian density decoder (continuous data).
         n_calls: ``None`` (default) evaluates all ``T`` steps; an integer ``n >= 2`` gives an
             unbiased estimate from the decoder step plus ``n - 1`` stratified KL steps.
@@ -176,7 +179,7 @@ def vlb_discrete(
     gens = example_generators(seed, range(len(x)))
     index, weights = _strata_steps(schedule.steps, n_calls, gens, x.device)
     step = int(batch_size or 4096)
-    kwargs = dict(variance=variance, grid=grid, clamp=clamp)
+    kwargs = dict(variance=variance, discrete=discrete, clamp=clamp)
     # Steps per chunk depend only on d, so every example's noise stream is read in the
     # same pieces whatever the batch (torch's normal draws depend on the request size).
     chunk = max(1, _NOISE_PER_EXAMPLE // math.prod(x.shape[1:]))
@@ -217,7 +220,7 @@ def gaussian_decoder_nll(logsnr_hi: float, d: int) -> float:
     return 0.5 * d * (math.log(2 * math.pi) - float(logsnr_hi) + 1.0)
 
 
-def grid_decoder_nll(x: torch.Tensor, logsnr_hi: float, eps: torch.Tensor, grid: DiscreteGrid) -> torch.Tensor:
+def grid_decoder_nll(x: torch.Tensor, logsnr_hi: float, eps: torch.Tensor, discrete: DiscreteGrid) -> torch.Tensor:
     """``-log p(x | z)`` for ``z = alpha x + sigma eps`` with VDM's network-free grid decoder, ``(B,)`` nats.
 
     ``p(x_i = v | z_i)`` is proportional to ``N(z_i; alpha v, sigma^2)`` over the grid values
@@ -226,10 +229,10 @@ def grid_decoder_nll(x: torch.Tensor, logsnr_hi: float, eps: torch.Tensor, grid:
     a = torch.tensor(float(logsnr_hi), dtype=torch.float64, device=x.device)
     alpha, sigma = alpha_sigma(a)
     z = _flat(add_noise(x.double(), a.expand(len(x)), eps.double()))
-    k_x = grid.round_index(_flat(x).double())
-    levels = grid.value(torch.arange(grid.levels, dtype=torch.float64, device=x.device))
+    k_x = discrete.round_index(_flat(x).double())
+    levels = discrete.value(torch.arange(discrete.levels, dtype=torch.float64, device=x.device))
     out = []
-    rows = max(1, _MAX_ELEMENTS // max(1, z.shape[1] * grid.levels))
+    rows = max(1, _MAX_ELEMENTS // max(1, z.shape[1] * discrete.levels))
     for i in range(0, len(z), rows):
         logits = -((z[i : i + rows, :, None] - alpha * levels) ** 2) / (2 * sigma**2)  # (b, d, levels)
         own = torch.gather(logits, 2, k_x[i : i + rows, :, None].long())[..., 0]
@@ -246,7 +249,7 @@ def vlb_continuous(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     clip: float | None = None,
-    grid: DiscreteGrid | None = None,
+    discrete: DiscreteGrid | None = None,
     control_variate: bool = True,
     antithetic: bool | None = None,
     batch_size: int | None = None,
@@ -264,7 +267,7 @@ def vlb_continuous(
     used only below ``model.discrete_split(clip)``, as in the IT estimator (above it the
     model's error vanishes while the Gaussian's does not).  The decoder is
     network-free: ``N(x; z / alpha, e^-hi I)`` for continuous data (closed-form
-    expectation), VDM's grid posterior for data on ``grid`` (one noise draw).
+    expectation), VDM's grid posterior for data on ``discrete`` (one noise draw).
 
     Args:
         model: an :class:`itdiffusion.ITDiffusion`.
@@ -272,16 +275,16 @@ def vlb_continuous(
         n_points: network calls per example.
         generator / seed: randomness (each example has its own stream).
         clip: integration half-width in logistic scales (default ``model.clip``).
-        grid: data on a grid (bound on ``-log P(x)``).
+        discrete: data on a grid (bound on ``-log P(x)``).
         control_variate: subtract the Gaussian denoiser's error on the same noise.
         antithetic, batch_size: as in :meth:`ITDiffusion.nll`.
 
     Returns:
         :class:`BoundTerms` ``(B,)`` float64.
     """
-    estimator = model.estimator(n_points, discrete=grid, rounding="none", clip=clip, antithetic=antithetic,
+    estimator = model.estimator(n_points, discrete=discrete, rounding="none", clip=clip, antithetic=antithetic,
                                 batch_size=batch_size)
-    model.check_data(x, grid)
+    model.check_data(x, discrete)
     seed = seed_from(generator) if seed is None else int(seed)
     lo, hi = estimator.proposal.lo, estimator.proposal.hi
     measured = estimator.measure(model, model.spectrum, x, seed=seed,
@@ -289,17 +292,17 @@ def vlb_continuous(
     errs, logsnr, weights = measured.errors["data"], measured.quadrature.logsnr, measured.quadrature.weights
     layout = estimator.sampling.layout
     if control_variate:
-        split = hi if grid is None else estimator.split
+        split = hi if discrete is None else estimator.split
         below = (logsnr < split).to(errs.raw.dtype)
         spec = model.spectrum
         known = spec.error_integral(x, split) - spec.error_integral(x, lo)
         diffusion = 0.5 * (known.to(x.device) + (weights * (errs.raw - below * errs.gauss)).sum(-1))
     else:
         diffusion = 0.5 * (weights * errs.raw).sum(-1)
-    if grid is None:
+    if discrete is None:
         decoder = torch.full((len(x),), gaussian_decoder_nll(hi, model.d), dtype=torch.float64, device=x.device)
     else:
         eps = _randn_per_example(example_generators(seed, range(len(x)), salt=1), model.shape, x)
-        decoder = grid_decoder_nll(x, hi, eps, grid)
+        decoder = grid_decoder_nll(x, hi, eps, discrete)
     return BoundTerms(prior=prior_kl(x, lo).to(x.device), diffusion=diffusion, decoder=decoder, d=model.d,
                       calls_per_example=layout.n_calls)
