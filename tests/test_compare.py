@@ -97,6 +97,24 @@ def test_bad_arguments(gen):
     assert table.exact is None and math.isnan(table["it"].error) and "error (nats)" not in table.to_markdown()
 
 
+def test_options_refuse_a_misspelled_key_and_accept_their_dataclass(gen):
+    from itdiffusion.baselines.options import ODEOptions, VLBOptions
+
+    mix = make_mixture(2)
+    model = itd.ITDiffusion(mix, itd.GaussianSpectrum.isotropic((2,)))
+    x = mix.sample(3, gen)
+    with pytest.raises(ValueError, match=r"unknown option 'n_calsl' for method 'vlb'; valid options: .*n_calls"):
+        itd.compare(model, x, ("vlb",), seed=0, options={"vlb": {"n_calsl": 3}})
+    with pytest.raises(ValueError, match="must be a dict or ODEOptions"):
+        itd.compare(model, x, ("ode",), seed=0, options={"ode": VLBOptions()})
+    as_dict = itd.compare(model, x, ("vlb", "ode"), seed=0,
+                          options={"vlb": {"steps": 30, "n_calls": 5}, "ode": {"solver": "euler", "n_steps": 3}})
+    typed = itd.compare(model, x, ("vlb", "ode"), seed=0,
+                        options={"vlb": VLBOptions(steps=30, n_calls=5), "ode": ODEOptions(solver="euler", n_steps=3)})
+    for method in ("vlb", "ode"):
+        assert torch.equal(as_dict[method].nll_nats, typed[method].nll_nats)
+
+
 def test_mixture_spectrum_is_the_exact_covariance(gen):
     mix, spec = demo_mixture(3, seed=2)
     x = mix.sample(200_000, gen)

@@ -32,6 +32,7 @@ from .. import fileio as _io
 from .. import baselines
 from ..core.grid import DiscreteGrid
 from ..core.noise import seed_from
+from .options import ITOptions, ODEOptions, VLBCTOptions, VLBOptions, given_options  # noqa: F401
 from ..denoisers.protocol import alphas_cumprod_of, eps_and_variance_of, variance_type_of
 
 METHODS = ("it", "vlb", "vlb-ct", "ode")
@@ -241,7 +242,9 @@ def _run_vlb(model, x, seed, discrete, opts) -> tuple[torch.Tensor, float, dict]
     denoiser = learned_variance_denoiser(model.denoiser) if variance == "learned" else model
     if denoiser is None:
         raise ValueError("variance='learned' needs a network with a variance output (IDDPM, out_channels = 2C)")
-    clamp = opts.get("clamp", None if discrete is None else (discrete.lo, discrete.hi))
+    clamp = opts.get("clamp", "auto")
+    if isinstance(clamp, str) and clamp == "auto":
+        clamp = None if discrete is None else (discrete.lo, discrete.hi)
     terms = baselines.vlb_discrete(denoiser, x, abar, seed=seed, variance=variance, discrete=discrete,
                                    n_calls=opts.get("n_calls"), clamp=clamp, batch_size=opts.get("batch_size"))
     settings = {"schedule": source, "steps": len(abar), "variance": variance, "n_calls": opts.get("n_calls"),
@@ -308,13 +311,11 @@ def compare(
             uniform dequantization).
         exact: ``(B,)`` exact ``-log p(x)`` in nats, ``None``, or ``"auto"`` (the denoiser's
             ``log_prob`` when it has one).
-        options: per-method keyword settings, e.g. ``{"it": {"n_points": 512},
-            "vlb": {"variance": "fixed_small", "steps": 4000}, "ode": {"solver": "rk4",
-            "n_steps": 32, "n_probes": 4}}``.  Keys: it: ``n_points, clip, placement, antithetic,
-            rounding, clamp, batch_size``; vlb: ``alphas_cumprod, steps, variance
-            ("auto"/"fixed_small"/"fixed_large"/"learned"), n_calls, clamp, clip,
-            batch_size``; vlb-ct: ``n_points, clip, control_variate, antithetic,
-            batch_size``; ode: ``solver, n_steps, rtol, atol, trace, n_probes, clip``.
+        options: per-method settings, each a dict or the method's dataclass of
+            :mod:`itdiffusion.baselines.options` (:class:`ITOptions`, :class:`VLBOptions`,
+            :class:`VLBCTOptions`, :class:`ODEOptions`), e.g. ``{"it": {"n_points": 512},
+            "vlb": VLBOptions(variance="fixed_small", steps=4000), "ode": {"solver": "rk4",
+            "n_steps": 32, "n_probes": 4}}``.  A key that is not a field raises ``ValueError``.
 
     Returns:
         :class:`Comparison`; ``table["it"].nll_nats`` is ``(B,)`` nats.
@@ -327,6 +328,7 @@ def compare(
     bad = [k for k in options if k not in METHODS]
     if bad:
         raise ValueError(f"options given for unknown method(s) {bad}; methods are {', '.join(METHODS)}")
+    options = {name: given_options(name, value) for name, value in options.items()}
     model.check_data(x, discrete)
     seed = seed_from(generator) if seed is None else int(seed)
     if isinstance(exact, str):
@@ -340,7 +342,7 @@ def compare(
     results = {}
     for name in methods:
         start = time.perf_counter()
-        nll, calls, settings = _RUNNERS[name](model, x, seed, discrete, dict(options.get(name, {})))
+        nll, calls, settings = _RUNNERS[name](model, x, seed, discrete, options.get(name, {}))
         seconds = time.perf_counter() - start
         results[name] = MethodResult(method=name, nll_nats=nll.detach().double(), calls_per_example=float(calls),
                                      seconds=seconds, d=model.d, exact=exact, settings={"seed": seed, **settings})
