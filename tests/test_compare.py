@@ -162,7 +162,7 @@ def test_vlb_uses_the_denoisers_own_schedule_and_learned_variance(gen):
     assert torch.allclose(times.sort().values, torch.arange(20.0).repeat_interleave(2), atol=1e-3)
 
 
-@pytest.mark.parametrize("v, fixed", [(-1.0, "fixed_small"), (1.0, "fixed_large")])
+@pytest.mark.parametrize("v, fixed", [(-1.0, "fixed_small"), (1.0, "fixed_large_beta1")])
 def test_learned_variance_ends_are_the_fixed_variances(v, fixed, gen):
     grid, x = grid_images(2, gen)
     learned = itd.compare(stub_model(v), x, ("vlb",), seed=3, discrete=grid)["vlb"].nll_nats

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_STEPS = 1000  # discrete-time steps when the denoiser has no schedule of its own
-VARIANCES = ("fixed_small", "fixed_large", "learned")
+VARIANCES = ("fixed_small", "fixed_large", "fixed_large_beta1", "learned")
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,22 @@ class DiscreteSchedule:
         """Log-variance of ``p(x_{t-1} | x_t)`` at steps ``index`` (IDDPM conventions).
 
         ``fixed_small``: ``beta_tilde_t`` (``beta_tilde_2`` at t = 1, where ``beta_tilde_1 = 0``);
-        ``fixed_large``: ``beta_t`` at every step, DDPM's and diffusers' definition (IDDPM's
-        code takes ``beta_tilde_2`` at t = 1 instead; ``beta_1 = 1 - abar_1`` is the variance of
-        ``x_0`` given ``x_1`` under a flat prior, which keeps the Gaussian decoder of continuous
-        data calibrated); ``learned``: ``frac * log beta_t + (1 - frac) * log beta_tilde_t``
-        (clipped) with ``frac = (v + 1) / 2`` from the network's second output half (``frac``
-        must broadcast against the result).
+        ``fixed_large``: ``beta_t`` for t >= 2 and ``beta_tilde_2`` at t = 1, the definition of
+        DDPM's code and OpenAI's improved-diffusion (``log(append(posterior_variance[1], betas[1:]))``);
+        ``fixed_large_beta1``: ``beta_t`` at every step, ``beta_1`` at t = 1 (diffusers' sampler;
+        ``beta_1 = 1 - abar_1`` is about the variance of ``x_0`` given ``x_1`` when the data vary much
+        more than the noise, so this decoder is the better calibrated one for continuous data);
+        ``learned``: ``frac * log beta_t + (1 - frac) * log beta_tilde_t`` (clipped) with
+        ``frac = (v + 1) / 2`` from the network's second output half (``frac`` must broadcast
+        against the result), IDDPM's interpolation (so its ``v = 1`` end is ``fixed_large_beta1``).
         """
         clipped = self.posterior_log_variance_clipped.to(index.device)[index]
         if variance == "fixed_small":
             return clipped
         log_beta = torch.log(self.betas).to(index.device)[index]
         if variance == "fixed_large":
+            return torch.where(index == 0, clipped, log_beta)
+        if variance == "fixed_large_beta1":
             return log_beta
         if variance == "learned":
             return frac * log_beta + (1.0 - frac) * clipped

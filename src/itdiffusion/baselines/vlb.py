@@ -161,7 +161,9 @@ def vlb_discrete(
         x: data ``(B, *shape)``.
         alphas_cumprod: ``(T,)`` strictly decreasing ``alpha_bar_t`` of the schedule.
         generator / seed: randomness; each example has its own stream.
-        variance: ``"fixed_small"``, ``"fixed_large"`` or ``"learned"``.
+        variance: ``"fixed_small"``, ``"fixed_large"`` (DDPM's and IDDPM's: ``beta_t``, and
+            ``beta_tilde_2`` at t = 1), ``"fixed_large_beta1"`` (``beta_t`` at every step) or
+            ``"learned"`` (see :meth:`DiscreteSchedule.model_log_variance`).
         discrete: data on a grid (``DiscreteGrid``): discretised-Gaussian decoder (an upper bound on ``-log P(x)``);
             ``None``: Gaussian density decoder (continuous data).
         n_calls: ``None`` (default) evaluates all ``T`` steps; an integer ``n >= 2`` gives an
