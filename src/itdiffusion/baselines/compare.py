@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .. import fileio as _io
+from ..core.units import bpd as _bpd
 from .. import baselines
 from ..core.grid import DiscreteGrid
 from ..core.noise import seed_from
@@ -43,7 +45,6 @@ LABELS = {
     "vlb-ct": "Variational bound, continuous time",
     "ode": "Probability-flow ODE",
 }
-LN2 = math.log(2.0)
 
 
 @dataclass
@@ -52,27 +53,27 @@ class MethodResult:
 
     Attributes:
         method: ``"it"``, ``"vlb"``, ``"vlb-ct"`` or ``"ode"``.
-        nll_nats: ``(B,)`` float64 per-example negative log-likelihood (or bound), nats.
+        nll_nats: ``(B,)`` float64 numpy array, per-example negative log-likelihood (or bound), nats.
         calls_per_example: network passes per example (forward, plus backward passes for
             the ODE's divergence).
         seconds: wall time of the method on the whole data set.
         d: dimension of one example.
-        exact: ``(B,)`` exact values when known, else ``None``.
+        exact: ``(B,)`` float64 numpy array of the exact values when known, else ``None``.
         settings: what was run (JSON-able).
     """
 
     method: str
-    nll_nats: torch.Tensor
+    nll_nats: np.ndarray
     calls_per_example: float
     seconds: float
     d: int
-    exact: torch.Tensor | None = None
+    exact: np.ndarray | None = None
     settings: dict = field(default_factory=dict)
 
     @property
     def nll(self) -> float:
         """Mean over examples, nats."""
-        return self.nll_nats.mean().item()
+        return float(self.nll_nats.mean())
 
     @property
     def se(self) -> float:
@@ -81,16 +82,16 @@ class MethodResult:
 
     @property
     def bpd(self) -> float:
-        return self.nll / (self.d * LN2)
+        return _bpd(self.nll, self.d)
 
     @property
     def se_bpd(self) -> float:
-        return self.se / (self.d * LN2)
+        return _bpd(self.se, self.d)
 
     @property
     def error(self) -> float:
         """Mean of ``nll - exact`` in nats (NaN without an exact value)."""
-        return math.nan if self.exact is None else (self.nll_nats - self.exact).mean().item()
+        return math.nan if self.exact is None else float((self.nll_nats - self.exact).mean())
 
     @property
     def error_se(self) -> float:
@@ -100,7 +101,7 @@ class MethodResult:
     @property
     def rmse(self) -> float:
         """Root mean square per-example error against the exact values, nats."""
-        return math.nan if self.exact is None else (self.nll_nats - self.exact).pow(2).mean().sqrt().item()
+        return math.nan if self.exact is None else float(np.sqrt(((self.nll_nats - self.exact) ** 2).mean()))
 
     def summary(self) -> dict:
         """JSON-able figures (no per-example arrays)."""
@@ -111,18 +112,21 @@ class MethodResult:
         }
 
 
-def _se(values: torch.Tensor) -> float:
-    return values.std().item() / math.sqrt(len(values)) if len(values) > 1 else math.nan
+def _se(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
 
 @dataclass
 class Comparison:
-    """What :func:`compare` measured: ``table["vlb"]`` is that method's :class:`MethodResult`."""
+    """What :func:`compare` measured: ``table["vlb"]`` is that method's :class:`MethodResult`.
+
+    A saved result record: its arrays (``exact``, each method's ``nll_nats``) are float64 numpy.
+    """
 
     results: dict[str, MethodResult]
     d: int
     n_examples: int
-    exact: torch.Tensor | None = None
+    exact: np.ndarray | None = None
     discrete: bool = False
 
     def __getitem__(self, method: str) -> MethodResult:
@@ -140,8 +144,8 @@ class Comparison:
         """JSON-able: the exact value (if known) and every method's figures."""
         out = {"d": self.d, "n_examples": self.n_examples, "discrete": self.discrete, "exact": None, "methods": {}}
         if self.exact is not None:
-            out["exact"] = {"nll_nats": self.exact.mean().item(), "se_nats": _se(self.exact),
-                            "bpd": self.exact.mean().item() / (self.d * LN2)}
+            mean = float(self.exact.mean())
+            out["exact"] = {"nll_nats": mean, "se_nats": _se(self.exact), "bpd": _bpd(mean, self.d)}
         for name, res in self.results.items():
             out["methods"][name] = res.summary()
             if per_example:
@@ -163,9 +167,8 @@ class Comparison:
         lines = [f"**{title}**", ""] if title else []
         lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         if has_exact:
-            nats, se = self.exact.mean().item(), _se(self.exact)
-            bpd = nats / (self.d * LN2)
-            lines.append(f"| {LABELS['exact']} | {nats:.4f} | {_f(se)} | {bpd:.4f} | {_f(se / (self.d * LN2))} "
+            nats, se = float(self.exact.mean()), _se(self.exact)
+            lines.append(f"| {LABELS['exact']} | {nats:.4f} | {_f(se)} | {_bpd(nats, self.d):.4f} | {_f(_bpd(se, self.d))} "
                          "| 0 | – | 0 | – | – |")
         for name, r in self.results.items():
             cells = [LABELS.get(name, name), f"{r.nll:.4f}", _f(r.se), f"{r.bpd:.4f}", _f(r.se_bpd)]
@@ -189,6 +192,11 @@ class Comparison:
         text = self.to_markdown(title)
         _io.write_atomic(md_path, lambda fh: fh.write(text.encode()))
         return path, md_path
+
+
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    """A ``(B,)`` tensor as the float64 numpy array a result record holds."""
+    return values.detach().double().cpu().numpy()
 
 
 def _f(value: float) -> str:
@@ -318,7 +326,7 @@ def compare(
             "n_steps": 32, "n_probes": 4}}``.  A key that is not a field raises ``ValueError``.
 
     Returns:
-        :class:`Comparison`; ``table["it"].nll_nats`` is ``(B,)`` nats.
+        :class:`Comparison`; ``table["it"].nll_nats`` is a ``(B,)`` float64 numpy array, nats.
     """
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -336,15 +344,16 @@ def compare(
             raise ValueError(f"exact must be a tensor, None or 'auto', got {exact!r}")
         exact = exact_nll(model, x)
     elif exact is not None:
-        exact = torch.as_tensor(exact, dtype=torch.float64, device=x.device).reshape(-1)
+        exact = torch.as_tensor(exact, dtype=torch.float64).reshape(-1)
         if len(exact) != len(x):
             raise ValueError(f"exact has {len(exact)} values for {len(x)} examples")
+    exact = None if exact is None else _numpy(exact)
     results = {}
     for name in methods:
         start = time.perf_counter()
         nll, calls, settings = _RUNNERS[name](model, x, seed, discrete, options.get(name, {}))
         seconds = time.perf_counter() - start
-        results[name] = MethodResult(method=name, nll_nats=nll.detach().double(), calls_per_example=float(calls),
+        results[name] = MethodResult(method=name, nll_nats=_numpy(nll), calls_per_example=float(calls),
                                      seconds=seconds, d=model.d, exact=exact, settings={"seed": seed, **settings})
     return Comparison(results=results, d=model.d, n_examples=len(x), exact=exact, discrete=discrete is not None)
 
