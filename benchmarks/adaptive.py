@@ -103,7 +103,7 @@ def _stats(est: torch.Tensor, exact: torch.Tensor) -> dict:
 def _ode(model, x, grid, n_calls: int, seed: int) -> torch.Tensor:
     steps = max(1, n_calls // 8)  # rk4: 4 calls a step, each a forward and one backward (Hutchinson) pass
     out = itd.baselines.ode_nll(model, x, solver="rk4", n_steps=steps, trace="hutchinson", n_probes=1, seed=seed,
-                                grid=grid)
+                                discrete=grid)
     return out.nll.double()
 
 

@@ -6,7 +6,9 @@ runs through ``itd.compare`` at several budgets on the same examples:
 
 - ``it``: the IT estimate with n network calls per example (package defaults otherwise);
 - ``vlb``: the discrete-time variational bound on a log-SNR-linear schedule of T = n steps
-  spanning the model's range (``fixed_large`` variances), one call per step;
+  spanning the model's range (``fixed_large_beta1`` variances: ``beta_1`` at t = 1, the
+  calibrated decoder of continuous data; DDPM's ``fixed_large`` takes ``beta_tilde_2`` there,
+  a much looser bound on a density), one call per step;
 - ``vlb-ct``: the continuous-time bound with n calls (same points and control variate as IT);
 - ``ode``: the probability-flow ODE, RK4 with a fixed number of steps (and Dormand-Prince at
   rtol = atol = 1e-5 for reference); exact divergence for d = 2, Hutchinson with 1, 4 or 16
@@ -40,7 +42,7 @@ from pathlib import Path
 import torch
 
 import itdiffusion as itd
-from itdiffusion.baselines.methods import EXACT_TRACE_MAX_D
+from itdiffusion.baselines import EXACT_TRACE_MAX_D
 from itdiffusion.baselines.compare import demo_mixture
 
 TARGET_BPD = 0.01
@@ -61,7 +63,7 @@ def runs(d: int, cfg: dict) -> list[tuple[str, str, dict]]:
     out = []
     for n in cfg["budgets"]:
         out.append(("it", f"n={n}", {"n_points": n}))
-        out.append(("vlb", f"T={n}", {"steps": n, "variance": "fixed_large"}))
+        out.append(("vlb", f"T={n}", {"steps": n, "variance": "fixed_large_beta1"}))
         out.append(("vlb-ct", f"n={n}", {"n_points": n}))
     probes = (None,) if d <= EXACT_TRACE_MAX_D else cfg["probes"]
     for p in probes:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import itdiffusion as itd
-from itdiffusion.baselines import methods as bl
+from itdiffusion import baselines as bl
 from itdiffusion.core.channel import add_noise, alpha_sigma
 from conftest import gaussian_sample, make_mixture, random_gaussian, within
 
@@ -84,9 +84,13 @@ def test_continuous_vlb_is_exact_for_a_gaussian_with_its_own_reference(gauss_cas
 def test_discrete_vlb_approaches_exact_for_a_gaussian(gauss_case):
     model, x, exact = gauss_case
     abar = bl.logsnr_linear_alphas_cumprod(*model.logsnr_range(), 1000)
-    terms = bl.vlb_discrete(model, x, abar, seed=0)
+    # beta_1 at t = 1 is the calibrated decoder of continuous data; DDPM's fixed_large (beta_tilde_2
+    # there, far below beta_1 on a fine schedule) is a valid but loose bound on a density
+    terms = bl.vlb_discrete(model, x, abar, seed=0, variance="fixed_large_beta1")
     assert terms.calls_per_example == 1000
     assert abs((terms.nll - exact).mean().item()) < 0.3  # T = 1000: a gap of order 100 d / T nats
+    peers = bl.vlb_discrete(model, x, abar, seed=0, variance="fixed_large")
+    assert torch.equal(peers.diffusion, terms.diffusion) and (peers.decoder > terms.decoder).all()
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -138,10 +142,13 @@ def test_discrete_schedule_follows_ddpm_conventions():
     assert s.posterior_variance[0] == 0 and s.posterior_log_variance_clipped[0] == s.posterior_log_variance_clipped[1]
     assert torch.allclose(torch.sigmoid(s.logsnr), abar)
     idx = torch.arange(4)
-    small, large = s.model_log_variance(idx, "fixed_small"), s.model_log_variance(idx, "fixed_large")
+    small, large = s.model_log_variance(idx, "fixed_small"), s.model_log_variance(idx, "fixed_large_beta1")
     assert torch.allclose(s.model_log_variance(idx, "learned", torch.zeros(4)), small)
     assert torch.allclose(s.model_log_variance(idx, "learned", torch.ones(4)), large)
     assert torch.allclose(large, s.betas.log())
+    # fixed_large as DDPM's and IDDPM's code define it: log(append(posterior_variance[1], betas[1:]))
+    peers = torch.log(torch.cat([s.posterior_variance[1:2], s.betas[1:]]))
+    assert torch.allclose(s.model_log_variance(idx, "fixed_large"), peers)
     with pytest.raises(ValueError):
         bl.DiscreteSchedule.from_alphas_cumprod(torch.tensor([0.5, 0.7]))
 
@@ -234,7 +241,7 @@ def test_discrete_vlb_bounds_finite_support_log_prob(variance, gen):
     x = law.sample(200, gen)
     exact = -law.log_prob(x)
     abar = bl.logsnr_linear_alphas_cumprod(*model.logsnr_range(), 400)
-    terms = bl.vlb_discrete(model, x, abar, generator=gen, variance=variance, grid=grid, clamp=(-1.0, 1.0))
+    terms = bl.vlb_discrete(model, x, abar, generator=gen, variance=variance, discrete=grid, clamp=(-1.0, 1.0))
     err = terms.nll - exact
     assert err.mean().item() >= -3 * err.std().item() / math.sqrt(len(err))
     assert err.mean().item() < 1.0  # and not vacuous
@@ -245,7 +252,7 @@ def test_continuous_time_vlb_on_a_grid_bounds_log_prob(gen):
     model = itd.ITDiffusion(law, itd.GaussianSpectrum.from_data(law.sample(5000, gen)))
     x = law.sample(200, gen)
     exact = -law.log_prob(x)
-    terms = bl.vlb_continuous(model, x, 128, generator=gen, grid=grid)
+    terms = bl.vlb_continuous(model, x, 128, generator=gen, discrete=grid)
     err = terms.nll - exact
     # rare large errors at high log-SNR make the estimator skewed: the sample se understates it
     assert err.mean().item() >= -4 * err.std().item() / math.sqrt(len(err))
@@ -263,3 +270,25 @@ def test_bad_arguments_raise(gauss_case):
         bl.ode_nll(model, x, trace="approx", seed=0)
     with pytest.raises(ValueError):
         bl.logsnr_linear_alphas_cumprod(5.0, -5.0, 10)
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_large_beta1", "fixed_small"])
+def test_fixed_decoder_term_matches_the_gaussian_closed_form(variance):
+    """The t = 1 term -log N(x; x_hat, var) with the exact denoiser of Gaussian data x ~ N(mu, s^2 I):
+    x - x_hat ~ N(0, v) with v = s^2 sigma^2 / (alpha^2 s^2 + sigma^2) at step 1, so its mean is
+    d/2 (log(2 pi var) + v / var), var = beta_tilde_2 (fixed_large, fixed_small) or beta_1."""
+    d, s2 = 3, 0.7**2
+    law = itd.GaussianMixture(torch.tensor([[0.4, -1.0, 0.2]], dtype=torch.float64), torch.tensor([0.7]),
+                              torch.tensor([1.0]))
+    x = law.sample(4000, torch.Generator().manual_seed(0))
+    abar = bl.logsnr_linear_alphas_cumprod(-4.0, 5.0, 100)  # fine steps: beta_tilde_2 far below beta_1
+    sched = bl.DiscreteSchedule.from_alphas_cumprod(abar)
+    terms = bl.vlb_discrete(law, x, abar, seed=1, variance=variance, n_calls=2)  # the decoder and one KL step
+    alpha2, sigma2 = abar[0].item(), 1.0 - abar[0].item()
+    v = s2 * sigma2 / (alpha2 * s2 + sigma2)
+    var = sched.betas[0].item() if variance == "fixed_large_beta1" else sched.posterior_variance[1].item()
+    want = 0.5 * d * (math.log(2 * math.pi * var) + v / var)
+    se = terms.decoder.std().item() / math.sqrt(len(x))
+    assert abs(terms.decoder.mean().item() - want) < 4 * se
+    other = sched.posterior_variance[1].item() if variance == "fixed_large_beta1" else sched.betas[0].item()
+    assert abs(0.5 * d * (math.log(2 * math.pi * other) + v / other) - want) > 20 * se  # the test tells them apart

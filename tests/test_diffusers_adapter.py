@@ -7,6 +7,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402  (not an attribute until imported)
 
 from itdiffusion.denoisers import (  # noqa: E402
     DiffusersDenoiser,
@@ -129,7 +130,7 @@ class StubUNet(torch.nn.Module):
     def forward(self, sample, timestep, class_labels=None):
         self.timestep = timestep
         out = self.scale * sample * (1 + timestep.view(-1, 1, 1, 1) / 1000)
-        return diffusers.models.unets.unet_2d.UNet2DOutput(sample=torch.cat([out] * self.out_factor, dim=1))
+        return UNet2DOutput(sample=torch.cat([out] * self.out_factor, dim=1))
 
 
 def test_clamping_outside_trained_range():
@@ -170,7 +171,7 @@ class ConvertedUNet(torch.nn.Module):
         sigma = torch.sigmoid(-logsnr).sqrt().float().view(-1, 1, 1, 1)
         x0 = (sample - sigma * eps) / alpha
         out = alpha * eps - sigma * x0 if self.prediction_type == "v_prediction" else x0
-        return diffusers.models.unets.unet_2d.UNet2DOutput(sample=out)
+        return UNet2DOutput(sample=out)
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
@@ -300,3 +301,19 @@ def test_class_labels_reach_a_class_conditional_unet():
         a, b = denoiser(z, logsnr, y=torch.tensor([0, 1])), denoiser(z, logsnr, y=torch.tensor([0, 2]))
     torch.testing.assert_close(a[0], b[0])
     assert not torch.allclose(a[1], b[1])
+
+
+def test_protocol_facts_and_learned_range_variance():
+    from itdiffusion.denoisers.protocol import alphas_cumprod_of, eps_and_variance_of, variance_type_of
+
+    config = {"num_train_timesteps": 50, "variance_type": "learned_range"}
+    doubled = DiffusersDenoiser(tiny_unet(out_channels=2 * TINY_UNET["in_channels"]), config)
+    plain = DiffusersDenoiser(tiny_unet(), config)
+    assert variance_type_of(doubled) == "learned" and variance_type_of(plain) is None
+    assert eps_and_variance_of(plain) is None
+    assert variance_type_of(DiffusersDenoiser(tiny_unet(), {"variance_type": "fixed_small_log"})) == "fixed_small"
+    torch.testing.assert_close(alphas_cumprod_of(doubled), doubled.timesteps.alphas_cumprod)
+    z, logsnr = randn(2, TINY_UNET["in_channels"], 8, 8), torch.tensor([0.5, -2.0])
+    eps_hat, v = eps_and_variance_of(doubled)(z, logsnr)
+    torch.testing.assert_close(eps_hat, doubled(z, logsnr))
+    assert v.shape == z.shape

@@ -108,24 +108,48 @@ def run_demo(
     if out.exists() and not out.is_dir():
         raise ValueError(f"output directory {out} exists and is a file")
     settings = SETTINGS_QUICK if quick else SETTINGS_IMAGES if dataset == "digits" else SETTINGS_2D
-    ds = load_dataset(dataset, seed=seed, n_train=settings.n_train, n_test=settings.n_test)
+    ds, grid, model, description, epochs = _prepare(dataset, settings, epochs, seed)
     image = len(ds.shape) > 1
-    epochs = settings.epochs if epochs is None else int(epochs)
-    if epochs < 1:
-        raise ValueError(f"--epochs must be a positive integer, got {epochs}")
-    grid = DiscreteGrid(*ds.grid) if ds.grid is not None else None
-
-    spectrum = GaussianSpectrum.from_data(ds.train, added_variance=grid.delta**2 / 12 if grid else 0.0)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model, description = build_model(ds.name, ds.shape, spectrum)
     (log if verbose else _silent)(f"itd demo: {ds.name} ({ds.description}); d = {ds.dim}, {len(ds.train)} train / {len(ds.test)} test")
     config = TrainConfig(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed,
                          val_points=settings.val_points, val_examples=settings.val_examples, grad_clip=1.0,
                          lr_schedule="cosine")
+    on_epoch, snapshots, extent = _epoch_logger(model, ds, settings, epochs, verbose, log)
+    history = train(model, ds.train, config, x_val=ds.test, discrete=grid, out_dir=out, meta=description,
+                    progress=progress, on_epoch=on_epoch)
+    model.eval()
+    results = evaluate(model, ds.test.split(256), n_points=settings.eval_points, discrete=grid,
+                       dequantize=grid is not None, seed=seed)
+    results.config["model"] = f"demo-{ds.name}"
+    results.save(out / "results.json")
+    metrics = _metrics(ds, results, history, time.perf_counter() - began)
+    _plots(ds, results, snapshots, extent, out, settings.density_grid)
+    _io.save_json_atomic(out / "metrics.json", metrics)
+    log(_table(metrics))
+    log(f"wrote {out}/: metrics.json, results.json/.npz, mse.png, " + ("density.png" if not image else "images.png")
+        + ", checkpoint.safetensors, history.json")
+    return metrics
 
-    snapshots, mesh, extent = [], None, None
-    if not image:
+
+def _prepare(dataset: str, settings, epochs: int | None, seed: int):
+    """The data set, its grid, the model built at ``seed`` with its description, and the epochs."""
+    ds = load_dataset(dataset, seed=seed, n_train=settings.n_train, n_test=settings.n_test)
+    epochs = settings.epochs if epochs is None else int(epochs)
+    if epochs < 1:
+        raise ValueError(f"--epochs must be a positive integer, got {epochs}")
+    grid = DiscreteGrid(*ds.grid) if ds.grid is not None else None
+    spectrum = GaussianSpectrum.from_data(ds.train, added_variance=grid.delta**2 / 12 if grid else 0.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model, description = build_model(ds.name, ds.shape, spectrum)
+    return ds, grid, model, description, epochs
+
+
+def _epoch_logger(model, ds, settings, epochs: int, verbose: bool, log):
+    """``(on_epoch, snapshots, extent)``: the per-epoch callback that logs and, for 2-D data, keeps
+    density snapshots (appended to ``snapshots``) on a mesh over ``extent``."""
+    snapshots, mesh, extent, keep = [], None, None, set()
+    if not len(ds.shape) > 1:  # 2-D point data, not images
         mesh, extent = _density_grid(ds.train, settings.density_grid)
         keep = set(np.unique(np.linspace(0, epochs, DENSITY_SNAPSHOTS).round().astype(int)).tolist())
         if 0 in keep:
@@ -144,20 +168,7 @@ def run_demo(
         if mesh is not None and epoch in keep:
             snapshots.append((f"epoch {epoch}", _learned_density(model, mesh, settings.density_points)))
 
-    history = train(model, ds.train, config, x_val=ds.test, discrete=grid, out_dir=out, meta=description,
-                    progress=progress, on_epoch=on_epoch)
-    model.eval()
-    results = evaluate(model, ds.test.split(256), n_points=settings.eval_points, discrete=grid,
-                       dequantize=grid is not None, seed=seed)
-    results.config["model"] = f"demo-{ds.name}"
-    results.save(out / "results.json")
-    metrics = _metrics(ds, results, history, time.perf_counter() - began)
-    _plots(ds, results, snapshots, extent, out, settings.density_grid)
-    _io.save_json_atomic(out / "metrics.json", metrics)
-    log(_table(metrics))
-    log(f"wrote {out}/: metrics.json, results.json/.npz, mse.png, " + ("density.png" if not image else "images.png")
-        + ", checkpoint.safetensors, history.json")
-    return metrics
+    return on_epoch, snapshots, extent
 
 
 def _silent(*args, **kwargs) -> None:

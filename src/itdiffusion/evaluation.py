@@ -12,6 +12,7 @@ import torch
 from .core.errors import ErrorOptions, Errors
 from .core.grid import DiscreteGrid
 from .core.pipeline import Pass
+from .core.proposal import check_n_points
 from .evalstate import (Chunk, CurveLayout, ProgressStore, assemble_terms, chunk_means, identity_differences,
                         json_identity, merge_ranges, missing)
 from .model import ITDiffusion
@@ -44,8 +45,7 @@ class EvalConfig:
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {PROTOCOLS}")
-        if int(self.n_points) != self.n_points or self.n_points < 1:
-            raise ValueError(f"n_points must be a positive integer, got {self.n_points!r}")
+        check_n_points(self.n_points)
         if self.placement not in ("midpoint", "stratified"):
             raise ValueError("evaluation shares its points across examples: placement must be 'midpoint' or "
                              f"'stratified', got {self.placement!r}")

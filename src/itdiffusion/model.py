@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import nn
 
+from .denoisers.protocol import Denoiser
 from .core.errors import ErrorOptions, Errors, call_errors, check_batch_size, pair_errors
 from .core.grid import DiscreteGrid
 from .core.noise import seed_from
@@ -20,7 +20,6 @@ from .objective import ITLoss
 DEFAULT_CLIP = 10.0  # half-width of the log-SNR range, in logistic scales (evaluation)
 DEFAULT_TRAIN_CLIP = 10.0  # same, for the stochastic training objective
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def default_antithetic(discrete: DiscreteGrid | None) -> bool:

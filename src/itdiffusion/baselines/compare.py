@@ -10,8 +10,8 @@ Methods:
 
 - ``"it"``: the information-theoretic estimate, :meth:`ITDiffusion.nll`.
 - ``"vlb"``: the discrete-time variational bound (:func:`baselines.vlb_discrete`) on the
-  denoiser's own schedule when it has one (adapters expose ``denoiser.timesteps``, a
-  ``LogSNRTimestepMap`` with ``alphas_cumprod``), else on a log-SNR-linear schedule of
+  denoiser's own schedule when it has one (the ``Denoiser`` protocol's ``alphas_cumprod``,
+  :mod:`itdiffusion.denoisers.protocol`), else on a log-SNR-linear schedule of
   ``baselines.DEFAULT_STEPS = 1000`` steps spanning the model's integration range.
 - ``"vlb-ct"``: the continuous-time variational bound (:func:`baselines.vlb_continuous`).
 - ``"ode"``: the probability-flow ODE likelihood (:func:`baselines.ode_nll`).
@@ -26,12 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .. import fileio as _io
-from . import methods as baselines
+from ..core.units import bpd as _bpd
+from .. import baselines
 from ..core.grid import DiscreteGrid
 from ..core.noise import seed_from
+from .options import ITOptions, ODEOptions, VLBCTOptions, VLBOptions, given_options  # noqa: F401
+from ..denoisers.protocol import alphas_cumprod_of, eps_and_variance_of, variance_type_of
 
 METHODS = ("it", "vlb", "vlb-ct", "ode")
 LABELS = {
@@ -41,7 +45,6 @@ LABELS = {
     "vlb-ct": "Variational bound, continuous time",
     "ode": "Probability-flow ODE",
 }
-LN2 = math.log(2.0)
 
 
 @dataclass
@@ -50,27 +53,27 @@ class MethodResult:
 
     Attributes:
         method: ``"it"``, ``"vlb"``, ``"vlb-ct"`` or ``"ode"``.
-        nll_nats: ``(B,)`` float64 per-example negative log-likelihood (or bound), nats.
+        nll_nats: ``(B,)`` float64 numpy array, per-example negative log-likelihood (or bound), nats.
         calls_per_example: network passes per example (forward, plus backward passes for
             the ODE's divergence).
         seconds: wall time of the method on the whole data set.
         d: dimension of one example.
-        exact: ``(B,)`` exact values when known, else ``None``.
+        exact: ``(B,)`` float64 numpy array of the exact values when known, else ``None``.
         settings: what was run (JSON-able).
     """
 
     method: str
-    nll_nats: torch.Tensor
+    nll_nats: np.ndarray
     calls_per_example: float
     seconds: float
     d: int
-    exact: torch.Tensor | None = None
+    exact: np.ndarray | None = None
     settings: dict = field(default_factory=dict)
 
     @property
     def nll(self) -> float:
         """Mean over examples, nats."""
-        return self.nll_nats.mean().item()
+        return float(self.nll_nats.mean())
 
     @property
     def se(self) -> float:
@@ -79,16 +82,16 @@ class MethodResult:
 
     @property
     def bpd(self) -> float:
-        return self.nll / (self.d * LN2)
+        return _bpd(self.nll, self.d)
 
     @property
     def se_bpd(self) -> float:
-        return self.se / (self.d * LN2)
+        return _bpd(self.se, self.d)
 
     @property
     def error(self) -> float:
         """Mean of ``nll - exact`` in nats (NaN without an exact value)."""
-        return math.nan if self.exact is None else (self.nll_nats - self.exact).mean().item()
+        return math.nan if self.exact is None else float((self.nll_nats - self.exact).mean())
 
     @property
     def error_se(self) -> float:
@@ -98,7 +101,7 @@ class MethodResult:
     @property
     def rmse(self) -> float:
         """Root mean square per-example error against the exact values, nats."""
-        return math.nan if self.exact is None else (self.nll_nats - self.exact).pow(2).mean().sqrt().item()
+        return math.nan if self.exact is None else float(np.sqrt(((self.nll_nats - self.exact) ** 2).mean()))
 
     def summary(self) -> dict:
         """JSON-able figures (no per-example arrays)."""
@@ -109,18 +112,21 @@ class MethodResult:
         }
 
 
-def _se(values: torch.Tensor) -> float:
-    return values.std().item() / math.sqrt(len(values)) if len(values) > 1 else math.nan
+def _se(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
 
 @dataclass
 class Comparison:
-    """What :func:`compare` measured: ``table["vlb"]`` is that method's :class:`MethodResult`."""
+    """What :func:`compare` measured: ``table["vlb"]`` is that method's :class:`MethodResult`.
+
+    A saved result record: its arrays (``exact``, each method's ``nll_nats``) are float64 numpy.
+    """
 
     results: dict[str, MethodResult]
     d: int
     n_examples: int
-    exact: torch.Tensor | None = None
+    exact: np.ndarray | None = None
     discrete: bool = False
 
     def __getitem__(self, method: str) -> MethodResult:
@@ -138,8 +144,8 @@ class Comparison:
         """JSON-able: the exact value (if known) and every method's figures."""
         out = {"d": self.d, "n_examples": self.n_examples, "discrete": self.discrete, "exact": None, "methods": {}}
         if self.exact is not None:
-            out["exact"] = {"nll_nats": self.exact.mean().item(), "se_nats": _se(self.exact),
-                            "bpd": self.exact.mean().item() / (self.d * LN2)}
+            mean = float(self.exact.mean())
+            out["exact"] = {"nll_nats": mean, "se_nats": _se(self.exact), "bpd": _bpd(mean, self.d)}
         for name, res in self.results.items():
             out["methods"][name] = res.summary()
             if per_example:
@@ -161,9 +167,8 @@ class Comparison:
         lines = [f"**{title}**", ""] if title else []
         lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         if has_exact:
-            nats, se = self.exact.mean().item(), _se(self.exact)
-            bpd = nats / (self.d * LN2)
-            lines.append(f"| {LABELS['exact']} | {nats:.4f} | {_f(se)} | {bpd:.4f} | {_f(se / (self.d * LN2))} "
+            nats, se = float(self.exact.mean()), _se(self.exact)
+            lines.append(f"| {LABELS['exact']} | {nats:.4f} | {_f(se)} | {_bpd(nats, self.d):.4f} | {_f(_bpd(se, self.d))} "
                          "| 0 | – | 0 | – | – |")
         for name, r in self.results.items():
             cells = [LABELS.get(name, name), f"{r.nll:.4f}", _f(r.se), f"{r.bpd:.4f}", _f(r.se_bpd)]
@@ -189,58 +194,48 @@ class Comparison:
         return path, md_path
 
 
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    """A ``(B,)`` tensor as the float64 numpy array a result record holds."""
+    return values.detach().double().cpu().numpy()
+
+
 def _f(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 # ============================================================================ schedules and variances
 def denoiser_schedule(denoiser) -> torch.Tensor | None:
-    """The denoiser's own ``alphas_cumprod`` ``(T,)`` (adapters: ``denoiser.timesteps``), or ``None``."""
-    timesteps = getattr(denoiser, "timesteps", None)
-    abar = getattr(timesteps, "alphas_cumprod", None)
-    return None if abar is None else torch.as_tensor(abar, dtype=torch.float64)
+    """The denoiser's own ``alphas_cumprod`` ``(T,)`` (the :class:`~itdiffusion.denoisers.protocol.Denoiser`
+    protocol's optional schedule), or ``None``."""
+    return alphas_cumprod_of(denoiser)
 
 
 def learned_variance_denoiser(denoiser) -> Callable | None:
-    """``f(z, logsnr) -> (eps_hat, v)`` for networks that also output IDDPM's variance half, else ``None``.
-
-    Recognises :class:`itdiffusion.denoisers.IDDPMDenoiser` around a network with
-    ``out_channels == 2 * in_channels``.  The same network call yields both halves.
-    """
-    net, to_time = getattr(denoiser, "net", None), getattr(denoiser, "network_time", None)
-    if net is None or to_time is None:
-        return None
-    if getattr(net, "out_channels", None) != 2 * getattr(net, "in_channels", -1):
-        return None
-
-    def eps_and_v(z: torch.Tensor, logsnr: torch.Tensor):
-        out = net(z, to_time(logsnr.to(z.device).expand(len(z))))
-        c = z.shape[1]
-        return out[:, :c], out[:, c:]
-
-    return eps_and_v
+    """``f(z, logsnr) -> (eps_hat, v)`` for denoisers with a learned variance output (the protocol's
+    ``eps_and_variance``), else ``None``.  The same network call yields both halves."""
+    return eps_and_variance_of(denoiser)
 
 
 def default_variance(denoiser) -> str:
-    """``"learned"`` when the network outputs variances, the scheduler's fixed type if it names
-    one (diffusers ``variance_type``), else ``"fixed_large"``."""
+    """The denoiser's ``variance_type`` when it states one (``"learned"`` only with ``eps_and_variance``),
+    else ``"fixed_large"``."""
     if learned_variance_denoiser(denoiser) is not None:
         return "learned"
-    kind = (getattr(denoiser, "scheduler_config", None) or {}).get("variance_type")
+    kind = variance_type_of(denoiser)
     return kind if kind in ("fixed_small", "fixed_large") else "fixed_large"
 
 
 # ============================================================================ methods
-def _run_it(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
+def _run_it(model, x, seed, discrete, opts) -> tuple[torch.Tensor, float, dict]:
     n_points = int(opts.get("n_points", 256))
     kwargs = {k: opts[k] for k in ("clip", "placement", "antithetic", "batch_size", "clamp") if k in opts}
-    if grid is not None:
+    if discrete is not None:
         kwargs["rounding"] = opts.get("rounding", "hard")
-    nll = model.nll(x, n_points, seed=seed, discrete=grid, **kwargs)
+    nll = model.nll(x, n_points, seed=seed, discrete=discrete, **kwargs)
     return nll, n_points, {"n_points": n_points, **kwargs}
 
 
-def _run_vlb(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
+def _run_vlb(model, x, seed, discrete, opts) -> tuple[torch.Tensor, float, dict]:
     abar = opts.get("alphas_cumprod")
     source = "given"
     if abar is None:
@@ -255,27 +250,29 @@ def _run_vlb(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
     denoiser = learned_variance_denoiser(model.denoiser) if variance == "learned" else model
     if denoiser is None:
         raise ValueError("variance='learned' needs a network with a variance output (IDDPM, out_channels = 2C)")
-    clamp = opts.get("clamp", None if grid is None else (grid.lo, grid.hi))
-    terms = baselines.vlb_discrete(denoiser, x, abar, seed=seed, variance=variance, grid=grid,
+    clamp = opts.get("clamp", "auto")
+    if isinstance(clamp, str) and clamp == "auto":
+        clamp = None if discrete is None else (discrete.lo, discrete.hi)
+    terms = baselines.vlb_discrete(denoiser, x, abar, seed=seed, variance=variance, discrete=discrete,
                                    n_calls=opts.get("n_calls"), clamp=clamp, batch_size=opts.get("batch_size"))
     settings = {"schedule": source, "steps": len(abar), "variance": variance, "n_calls": opts.get("n_calls"),
                 "clamp": None if clamp is None else list(clamp), **_term_means(terms)}
     return terms.nll, terms.calls_per_example, settings
 
 
-def _run_vlb_ct(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
+def _run_vlb_ct(model, x, seed, discrete, opts) -> tuple[torch.Tensor, float, dict]:
     kwargs = {k: opts[k] for k in ("clip", "control_variate", "antithetic", "batch_size") if k in opts}
     n_points = int(opts.get("n_points", 256))
-    terms = baselines.vlb_continuous(model, x, n_points, seed=seed, grid=grid, **kwargs)
+    terms = baselines.vlb_continuous(model, x, n_points, seed=seed, discrete=discrete, **kwargs)
     lo, hi = model.logsnr_range(opts.get("clip"))
     return terms.nll, terms.calls_per_example, {"n_points": n_points, "logsnr_range": [lo, hi], **kwargs,
                                                 **_term_means(terms)}
 
 
-def _run_ode(model, x, seed, grid, opts) -> tuple[torch.Tensor, float, dict]:
+def _run_ode(model, x, seed, discrete, opts) -> tuple[torch.Tensor, float, dict]:
     keys = ("solver", "n_steps", "rtol", "atol", "trace", "n_probes", "clip")
     kwargs = {k: opts[k] for k in keys if k in opts}
-    result = baselines.ode_nll(model, x, seed=seed, grid=grid, **kwargs)
+    result = baselines.ode_nll(model, x, seed=seed, discrete=discrete, **kwargs)
     settings = {**kwargs, "nfe": result.nfe, "vjps_per_call": result.vjps_per_call, "steps": result.steps,
                 "rejected_steps": result.rejected}
     return result.nll, result.calls_per_example, settings
@@ -322,16 +319,14 @@ def compare(
             uniform dequantization).
         exact: ``(B,)`` exact ``-log p(x)`` in nats, ``None``, or ``"auto"`` (the denoiser's
             ``log_prob`` when it has one).
-        options: per-method keyword settings, e.g. ``{"it": {"n_points": 512},
-            "vlb": {"variance": "fixed_small", "steps": 4000}, "ode": {"solver": "rk4",
-            "n_steps": 32, "n_probes": 4}}``.  Keys: it: ``n_points, clip, placement, antithetic,
-            rounding, clamp, batch_size``; vlb: ``alphas_cumprod, steps, variance
-            ("auto"/"fixed_small"/"fixed_large"/"learned"), n_calls, clamp, clip,
-            batch_size``; vlb-ct: ``n_points, clip, control_variate, antithetic,
-            batch_size``; ode: ``solver, n_steps, rtol, atol, trace, n_probes, clip``.
+        options: per-method settings, each a dict or the method's dataclass of
+            :mod:`itdiffusion.baselines.options` (:class:`ITOptions`, :class:`VLBOptions`,
+            :class:`VLBCTOptions`, :class:`ODEOptions`), e.g. ``{"it": {"n_points": 512},
+            "vlb": VLBOptions(variance="fixed_small", steps=4000), "ode": {"solver": "rk4",
+            "n_steps": 32, "n_probes": 4}}``.  A key that is not a field raises ``ValueError``.
 
     Returns:
-        :class:`Comparison`; ``table["it"].nll_nats`` is ``(B,)`` nats.
+        :class:`Comparison`; ``table["it"].nll_nats`` is a ``(B,)`` float64 numpy array, nats.
     """
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -341,6 +336,7 @@ def compare(
     bad = [k for k in options if k not in METHODS]
     if bad:
         raise ValueError(f"options given for unknown method(s) {bad}; methods are {', '.join(METHODS)}")
+    options = {name: given_options(name, value) for name, value in options.items()}
     model.check_data(x, discrete)
     seed = seed_from(generator) if seed is None else int(seed)
     if isinstance(exact, str):
@@ -348,15 +344,16 @@ def compare(
             raise ValueError(f"exact must be a tensor, None or 'auto', got {exact!r}")
         exact = exact_nll(model, x)
     elif exact is not None:
-        exact = torch.as_tensor(exact, dtype=torch.float64, device=x.device).reshape(-1)
+        exact = torch.as_tensor(exact, dtype=torch.float64).reshape(-1)
         if len(exact) != len(x):
             raise ValueError(f"exact has {len(exact)} values for {len(x)} examples")
+    exact = None if exact is None else _numpy(exact)
     results = {}
     for name in methods:
         start = time.perf_counter()
-        nll, calls, settings = _RUNNERS[name](model, x, seed, discrete, dict(options.get(name, {})))
+        nll, calls, settings = _RUNNERS[name](model, x, seed, discrete, options.get(name, {}))
         seconds = time.perf_counter() - start
-        results[name] = MethodResult(method=name, nll_nats=nll.detach().double(), calls_per_example=float(calls),
+        results[name] = MethodResult(method=name, nll_nats=_numpy(nll), calls_per_example=float(calls),
                                      seconds=seconds, d=model.d, exact=exact, settings={"seed": seed, **settings})
     return Comparison(results=results, d=model.d, n_examples=len(x), exact=exact, discrete=discrete is not None)
 

@@ -45,8 +45,10 @@ def add_parser(subparsers) -> None:
                    help="discrete-time bound: steps of the default schedule (models without their own)")
     p.add_argument("--vlb-calls", type=int, default=None,
                    help="discrete-time bound: estimate from this many stratified steps instead of all")
-    p.add_argument("--variance", default="auto", choices=["auto", "fixed_small", "fixed_large", "learned"],
-                   help="discrete-time bound: reverse-step variances")
+    p.add_argument("--variance", default="auto",
+                   choices=["auto", "fixed_small", "fixed_large", "fixed_large_beta1", "learned"],
+                   help="discrete-time bound: reverse-step variances (fixed_large: DDPM's and IDDPM's, beta_tilde_2 "
+                        "at t = 1; fixed_large_beta1: beta_1 there)")
     p.add_argument("--solver", default="dopri5", choices=["dopri5", "rk4", "heun", "euler"], help="ODE solver")
     p.add_argument("--ode-steps", type=int, default=50, help="ODE: steps of a fixed-step solver")
     p.add_argument("--tol", type=float, default=1e-5, help="ODE: rtol and atol of the adaptive solver")

@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 
 
 def run_cifar10(args) -> int:
-    from ..data.images import export_cifar10
+    from ..data.export import export_cifar10
     from ..guard import OutputLock, check_outputs
 
     check_outputs([args.out], [args.source])

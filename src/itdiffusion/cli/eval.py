@@ -52,6 +52,12 @@ def add_parser(sub) -> None:
                    "partial progress (0: after every step)")
     p.add_argument("--no-per-sample-curves", dest="per_sample_curves", action="store_false",
                    help="do not keep per-image curves (smaller files; ensembles then have no standard errors)")
+    _add_run_args(p)
+    p.set_defaults(func=run)
+
+
+def _add_run_args(p) -> None:
+    """How ``itd eval`` runs: network options, output and progress, tuning, device."""
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="run the network under "
                    "autocast to this type (errors and integrals stay float64); see itdiffusion.denoisers.device")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the network (GPUs)")
@@ -68,7 +74,6 @@ def add_parser(sub) -> None:
                    "the evaluation's, at most the calls of 64 images)")
     add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def progress_path(out: Path, world=None) -> Path:
@@ -183,7 +188,6 @@ def _evaluate(args, out: Path, world, device) -> int:
     from ..training.distributed import barrier
     from .. import fileio as _io
     from ..evalstate import ProgressStore
-    from ..evaluation import Evaluator
     from ._common import say
 
     data, loaded, evaluator, batches, identity = _setup(args, world, device)
@@ -220,24 +224,31 @@ def _evaluate(args, out: Path, world, device) -> int:
             signal.signal(signal.SIGTERM, previous)
     barrier(world)  # every process has saved its rows
     if world.is_main:
-        joined = Evaluator(evaluator.model, evaluator.config, batch_size=evaluator.batch_size)
-        joined.attach(partial, identity)
-        results = joined.results()
-        results.config.update({
-            "model": args.label or loaded.label, "model_arg": args.model, "weights": args.weights, "data": args.data,
-            "spectrum": args.spectrum, "processes": world.size, "seconds": time.perf_counter() - began,
-            "run": None if loaded.run is None else str(loaded.run), "dtype": args.dtype,
-            "pilot": evaluator.pilot_report,
-        })
-        results.save(out)
-        print(results.to_markdown(f"{results.config['model']} on {data.source}"), end="")
-        if evaluator.pilot_report:
-            print(f"pilot (apart from the evaluation): {evaluator.pilot_report}")
-        print(f"wrote {out} and {out.with_suffix('.npz')}")
+        _write_results(args, out, evaluator, partial, identity, loaded, data, world, began)
     barrier(world)
     if world.is_main:
         ProgressStore(partial).remove()
     return 0
+
+
+def _write_results(args, out: Path, evaluator, partial: Path, identity, loaded, data, world, began: float) -> None:
+    """Join every process's saved rows into the results, write them and print the table (first process)."""
+    from ..evaluation import Evaluator
+
+    joined = Evaluator(evaluator.model, evaluator.config, batch_size=evaluator.batch_size)
+    joined.attach(partial, identity)
+    results = joined.results()
+    results.config.update({
+        "model": args.label or loaded.label, "model_arg": args.model, "weights": args.weights, "data": args.data,
+        "spectrum": args.spectrum, "processes": world.size, "seconds": time.perf_counter() - began,
+        "run": None if loaded.run is None else str(loaded.run), "dtype": args.dtype,
+        "pilot": evaluator.pilot_report,
+    })
+    results.save(out)
+    print(results.to_markdown(f"{results.config['model']} on {data.source}"), end="")
+    if evaluator.pilot_report:
+        print(f"pilot (apart from the evaluation): {evaluator.pilot_report}")
+    print(f"wrote {out} and {out.with_suffix('.npz')}")
 
 
 def _interrupt(signum, frame):

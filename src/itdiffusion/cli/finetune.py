@@ -83,28 +83,12 @@ def _run(args, out: Path) -> int:
     import torch
 
     from .. import fileio as _io
-    from ..data.images import describe, load_data
-    from ..data.stream import open_images
+    from ..data.images import describe
     from ..model import ITDiffusion
-    from ..resolve import resolve_model
     from ..training.train import TrainConfig, train
-    from ._common import check_registry_model, check_shapes, load_spectrum, say, start_world
+    from ._common import say, start_world
 
-    spectrum = load_spectrum(args.spectrum)
-    data = open_images(args.data, "train", limit=args.limit, seed=args.seed)  # read batch by batch
-    test = load_data(args.test_data, "test", limit=args.test_examples, seed=args.seed) if args.test_data else None
-    check_registry_model(args, data, need_weights=False)
-    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
-    check_shapes(data, spectrum, loaded)
-    if test is not None:
-        check_shapes(test, spectrum)
-    if args.test_metric == "discrete" and (test is None or test.grid is None):
-        raise ValueError("--test-metric discrete needs --test-data on a grid")
-    if args.dequantize and data.grid is None:
-        raise ValueError(f"--dequantize needs data on a grid; {data.source} is continuous")
-    metric = args.test_metric
-    if metric == "auto":
-        metric = "discrete" if test is not None and test.grid is not None else "continuous"
+    spectrum, data, test, loaded, metric = _load_inputs(args)
     world, device = start_world(args)
     if world.is_main:  # temporary files of a run killed while writing (this command owns --out)
         from ..training.train import CHECKPOINT, HISTORY
@@ -130,14 +114,7 @@ def _run(args, out: Path) -> int:
         _check_resume(out, info)
     grid = test.grid if metric == "discrete" else None
 
-    def on_epoch(record, _model):
-        _io.save_json_atomic(out / RUN_INFO, {**info, "epochs_done": record.epoch})
-        line = f"epoch {record.epoch:3d}  train {record.train_loss:10.4f} nats ({_bpd(record.train_loss, data.d):.4f} "
-        line += "bpd)"
-        if record.val_nll is not None:
-            line += f"  test {record.val_nll:10.4f} ± {record.val_se:.4f} nats "
-            line += f"({_bpd(record.val_nll, data.d):.4f} bpd, {metric})"
-        print(line + f"  {record.seconds:.1f} s", flush=True)
+    on_epoch = _epoch_printer(out, info, data.d, metric)
 
     try:
         history = train(model, data, config, x_val=None if test is None else test.x, discrete=grid, out_dir=out,
@@ -196,6 +173,47 @@ def _jsonable(value):
     import json
 
     return json.loads(json.dumps(value))
+
+
+def _load_inputs(args):
+    """``(spectrum, data, test, loaded, metric)``: the inputs of a fine-tuning run, checked against each other."""
+    from ..data.images import load_data
+    from ..data.stream import open_images
+    from ..resolve import resolve_model
+    from ._common import check_registry_model, check_shapes, load_spectrum
+
+    spectrum = load_spectrum(args.spectrum)
+    data = open_images(args.data, "train", limit=args.limit, seed=args.seed)  # read batch by batch
+    test = load_data(args.test_data, "test", limit=args.test_examples, seed=args.seed) if args.test_data else None
+    check_registry_model(args, data, need_weights=False)
+    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
+    check_shapes(data, spectrum, loaded)
+    if test is not None:
+        check_shapes(test, spectrum)
+    if args.test_metric == "discrete" and (test is None or test.grid is None):
+        raise ValueError("--test-metric discrete needs --test-data on a grid")
+    if args.dequantize and data.grid is None:
+        raise ValueError(f"--dequantize needs data on a grid; {data.source} is continuous")
+    metric = args.test_metric
+    if metric == "auto":
+        metric = "discrete" if test is not None and test.grid is not None else "continuous"
+    return spectrum, data, test, loaded, metric
+
+
+def _epoch_printer(out: Path, info: dict, d: int, metric: str):
+    """The per-epoch callback: records the epochs done in ``RUN_INFO`` and prints one line."""
+    from .. import fileio as _io
+
+    def on_epoch(record, _model):
+        _io.save_json_atomic(out / RUN_INFO, {**info, "epochs_done": record.epoch})
+        line = f"epoch {record.epoch:3d}  train {record.train_loss:10.4f} nats ({_bpd(record.train_loss, d):.4f} "
+        line += "bpd)"
+        if record.val_nll is not None:
+            line += f"  test {record.val_nll:10.4f} ± {record.val_se:.4f} nats "
+            line += f"({_bpd(record.val_nll, d):.4f} bpd, {metric})"
+        print(line + f"  {record.seconds:.1f} s", flush=True)
+
+    return on_epoch
 
 
 def _tuned_label(label: str) -> str:

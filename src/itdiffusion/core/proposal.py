@@ -19,6 +19,7 @@ Three ways to place the fractions (``placement``):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +31,7 @@ MAX_CLIP = 700.0  # scales: cosh(clip) and the truncated density overflow/underf
 
 def check_n_points(n_points) -> int:
     """``n_points`` as an int; ``ValueError`` unless it is a positive integer."""
-    if isinstance(n_points, bool) or not isinstance(n_points, (int, float)) or int(n_points) != n_points \
+    if isinstance(n_points, bool) or not isinstance(n_points, numbers.Real) or int(n_points) != n_points \
             or n_points < 1:
         raise ValueError(f"n_points must be a positive integer, got {n_points!r}")
     return int(n_points)

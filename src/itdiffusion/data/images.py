@@ -24,10 +24,7 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
-import stat
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +34,6 @@ import numpy as np
 import torch
 
 from ..core.grid import DiscreteGrid
-from ..fileio import current_umask
 
 GRID_8BIT = DiscreteGrid(-1.0, 1.0, 256)
 """8-bit images scaled to [-1, 1]: ``x = -1 + 2 k / 255``."""
@@ -189,18 +185,12 @@ def list_images(folder: Path) -> list[Path]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(root) / f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
-    odd = [p for p in found if not _is_regular(p)]
+    odd = [p for p in found if not p.is_file()]  # regular files only (a dangling link is not one)
     if odd:  # a FIFO or a device would block the decoder forever
         raise ValueError(f"{len(odd)} image name(s) that are not regular files: "
                          f"{', '.join(p.relative_to(folder).as_posix() for p in odd[:_SHOW])}")
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
-
-def _is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False  # a dangling link
 
 
 def read_image_folder(folder, *, limit: int | None = None, seed: int = 0) -> ImageData:
@@ -452,45 +442,3 @@ def cifar10_pixels(source, split: str = "train") -> tuple[np.ndarray, torch.Tens
         if isinstance(given, list) and len(given) == 10:
             classes = tuple(v.decode("latin1") if isinstance(v, bytes) else str(v) for v in given)
     return pixels, labels, classes
-
-
-# ----------------------------------------------------------------------------- export
-def export_folder(data: ImageData, folder: Path) -> None:
-    """Write 8-bit ``data`` as PNG files ``{class}_{index:05d}.png`` (or ``{index:05d}.png``) into ``folder``."""
-    from PIL import Image
-
-    if data.grid != GRID_8BIT:
-        raise ValueError(f"{data.source}: only 8-bit images can be written as PNG")
-    folder.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8(data.x)
-    width = max(5, len(str(len(data) - 1)))
-    for i, image in enumerate(pixels):
-        prefix = f"{data.classes[int(data.labels[i])]}_" if data.labels is not None else ""
-        array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-        Image.fromarray(np.ascontiguousarray(array)).save(folder / f"{prefix}{i:0{width}d}.png")
-
-
-def export_cifar10(source, out) -> dict[str, int]:
-    """Write CIFAR-10 as ``out/train/*.png`` and ``out/test/*.png``; returns the counts.
-
-    Both splits are read and checked first; the files are written into a temporary
-    folder beside ``out`` that is renamed into place at the end, so a failure leaves
-    nothing behind.  ``out`` must not exist or be empty.
-    """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder")
-    splits = {split: read_cifar10(source, split) for split in SPLITS}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        for split, data in splits.items():
-            export_folder(data, tmp / split)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private (0700)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {split: len(data) for split, data in splits.items()}

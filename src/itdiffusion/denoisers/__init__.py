@@ -4,6 +4,7 @@
 * `DiffusersDenoiser`: any diffusers ``UNet2DModel`` with its DDPM-family schedule.
 * `build_denoiser` / `list_models`: named pretrained models (architecture, schedule, data format).
 * `load_state_dict` / `load_into`: weights loading that never runs code from a file.
+* `Denoiser`: the protocol every adapter follows (:mod:`.protocol`: required call, optional facts).
 
 Importing this package does not import diffusers.
 """
@@ -11,10 +12,12 @@ Importing this package does not import diffusers.
 from .diffusers import DiffusersDenoiser, eps_from_prediction, load_unet
 from .iddpm import IDDPMDenoiser, IDDPMUNet
 from .loading import load_into, load_state_dict
+from .protocol import Denoiser
 from .registry import ModelSpec, build_denoiser, list_models, model_spec
 from .schedule import LogSNRTimestepMap, diffusers_alphas_cumprod, iddpm_alphas_cumprod
 
 __all__ = [
+    "Denoiser",
     "DiffusersDenoiser",
     "IDDPMDenoiser",
     "IDDPMUNet",

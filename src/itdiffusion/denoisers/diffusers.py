@@ -95,6 +95,35 @@ class DiffusersDenoiser(nn.Module):
         """(min, max) log-SNR covered by the training timesteps; clamped outside."""
         return self.timesteps.logsnr_range
 
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float64 alpha_bar_t of the scheduler (the `Denoiser` protocol's optional schedule)."""
+        return self.timesteps.alphas_cumprod
+
+    @property
+    def variance_type(self) -> Optional[str]:
+        """The scheduler's ``variance_type`` in this package's names, or ``None``.
+
+        ``fixed_small(_log)`` -> ``"fixed_small"``, ``fixed_large(_log)`` -> ``"fixed_large"``,
+        ``learned_range`` (IDDPM's interpolation) -> ``"learned"`` when the UNet has twice the
+        input channels; anything else is unknown.
+        """
+        kind = self.scheduler_config.get("variance_type")
+        if kind in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"):
+            return kind.removesuffix("_log")
+        config = getattr(self.unet, "config", None)
+        doubled = config is not None and getattr(config, "out_channels", None) == 2 * getattr(config, "in_channels", -1)
+        return "learned" if kind == "learned_range" and doubled else None
+
+    def eps_and_variance(self, z: torch.Tensor, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One UNet call: ``(eps_hat, v)``, ``v`` in [-1, 1] the ``learned_range`` variance output."""
+        if self.variance_type != "learned":
+            raise ValueError("this UNet has no learned_range variance output (needs out_channels = 2C)")
+        logsnr = torch.as_tensor(logsnr, device=z.device).expand(z.shape[0])
+        out = _output_tensor(self.unet(z, self.timesteps(logsnr).float()))
+        c = z.shape[1]
+        return eps_from_prediction(out[:, :c], z, logsnr, self.prediction_type), out[:, c:]
+
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z: (B, C, H, W); logsnr: (B,) or scalar -> eps_hat (B, C, H, W).
 

@@ -390,6 +390,25 @@ class IDDPMDenoiser(nn.Module):
         """(min, max) log-SNR covered by the training timesteps; clamped outside."""
         return self.timesteps.logsnr_range
 
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float64 alpha_bar_t of the training schedule (the `Denoiser` protocol's optional schedule)."""
+        return self.timesteps.alphas_cumprod
+
+    @property
+    def variance_type(self) -> Optional[str]:
+        """``"learned"`` when the network outputs IDDPM's variance half (2C channels), else ``None`` (unknown)."""
+        return "learned" if getattr(self.net, "out_channels", None) == 2 * getattr(self.net, "in_channels", -1) \
+            else None
+
+    def eps_and_variance(self, z: torch.Tensor, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One network call: ``(eps_hat, v)``, each (B, C, H, W), ``v`` in [-1, 1] IDDPM's variance output."""
+        if self.variance_type != "learned":
+            raise ValueError("this network has no variance output (IDDPM learned variance needs out_channels = 2C)")
+        out = self.net(z, self.network_time(torch.as_tensor(logsnr, device=z.device).expand(len(z))))
+        c = z.shape[1]
+        return out[:, :c], out[:, c:]
+
     def network_time(self, logsnr: torch.Tensor) -> torch.Tensor:
         """(B,) log-SNR -> (B,) float32 time value fed to the network (differentiable)."""
         t = self.timesteps(logsnr)

@@ -144,14 +144,7 @@ def train(
             initialised); ``None``: one process.
     """
     world = world or World()
-    config.validate()
-    _check_train_data(model, x_train)
-    if x_val is not None:
-        model.check_data(x_val, discrete, name="validation data")
-    device = _device(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the denoiser has no trainable parameters")
+    device, params = _check_inputs(model, x_train, config, x_val, discrete)
     optimizer = torch.optim.Adam(params, lr=config.lr)
     history, start = History(), 1
     out = Path(out_dir) if out_dir is not None else None
@@ -180,6 +173,19 @@ def train(
             on_epoch(record, model)
     barrier(world)
     return history
+
+
+def _check_inputs(model: ITDiffusion, x_train, config: TrainConfig, x_val, discrete) -> tuple[torch.device, list]:
+    """Validate the settings and data; returns the model's device and its trainable parameters."""
+    config.validate()
+    _check_train_data(model, x_train)
+    if x_val is not None:
+        model.check_data(x_val, discrete, name="validation data")
+    device = _device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the denoiser has no trainable parameters")
+    return device, params
 
 
 class _Loss(nn.Module):
