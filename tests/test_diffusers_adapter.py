@@ -129,7 +129,9 @@ class StubUNet(torch.nn.Module):
     def forward(self, sample, timestep, class_labels=None):
         self.timestep = timestep
         out = self.scale * sample * (1 + timestep.view(-1, 1, 1, 1) / 1000)
-        return diffusers.models.unets.unet_2d.UNet2DOutput(sample=torch.cat([out] * self.out_factor, dim=1))
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=torch.cat([out] * self.out_factor, dim=1))
 
 
 def test_clamping_outside_trained_range():
@@ -170,7 +172,9 @@ class ConvertedUNet(torch.nn.Module):
         sigma = torch.sigmoid(-logsnr).sqrt().float().view(-1, 1, 1, 1)
         x0 = (sample - sigma * eps) / alpha
         out = alpha * eps - sigma * x0 if self.prediction_type == "v_prediction" else x0
-        return diffusers.models.unets.unet_2d.UNet2DOutput(sample=out)
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=out)
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
