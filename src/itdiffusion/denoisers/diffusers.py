@@ -17,7 +17,7 @@ from torch import nn
 
 from .schedule import LogSNRTimestepMap, _config_dict, diffusers_alphas_cumprod
 
-__all__ = ["DiffusersDenoiser", "eps_from_prediction", "load_unet"]
+__all__ = ["DiffusersDenoiser", "FixedClassLabel", "eps_from_prediction", "load_unet"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _SCHEDULER_FILE = "scheduler_config.json"
@@ -65,6 +65,21 @@ def _output_tensor(out: Any, channels: int | None = None) -> torch.Tensor:
     if channels is not None and out.ndim > 1 and out.shape[1] == 2 * channels:
         out = out[:, :channels]
     return out
+
+
+class FixedClassLabel(nn.Module):
+    """A class-conditional diffusers network with its label fixed: ``net(x, t) = unet(x, t, class_labels=y)``."""
+
+    def __init__(self, unet: nn.Module, class_label: int):
+        super().__init__()
+        classes = getattr(getattr(unet, "config", None), "num_class_embeds", None)
+        if classes is not None and not 0 <= int(class_label) < int(classes):
+            raise ValueError(f"class label {class_label} is outside the network's {classes} classes (0..{classes - 1})")
+        self.unet, self.class_label = unet, int(class_label)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, **kwargs):
+        labels = torch.full((sample.shape[0],), self.class_label, device=sample.device, dtype=torch.long)
+        return self.unet(sample, timestep, class_labels=labels)
 
 
 class DiffusersDenoiser(nn.Module):
