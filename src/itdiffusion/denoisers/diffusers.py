@@ -162,6 +162,12 @@ class DiffusersDenoiser(nn.Module):
         return denoiser_for_scheduler(unet, scheduler_config).eval()
 
 
+def _scheduler_name(config: Any) -> str:
+    if hasattr(config, "config") and not isinstance(config, Mapping):
+        return type(config).__name__
+    return str(dict(config).get("_class_name", "the scheduler"))
+
+
 def local_root(path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = None) -> Path:
     """A local folder, or the cached snapshot of a Hub repo id; FileNotFoundError for neither."""
     from .hub import local_snapshot, looks_like_repo_id
