@@ -225,3 +225,33 @@ def test_without_diffusers_one_line_names_the_extra(folders, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert 'pip install "itdiffusion[diffusers]"' in err
+
+
+# ----------------------------------------------------------------------------- README
+def test_readme_own_model_section_runs_as_written(folders, tmp_path, monkeypatch):
+    """The section's commands (with a small budget added) and its Python, on a tiny folder named my-ddpm."""
+    import re
+    import shlex
+    import shutil
+
+    from itdiffusion.data.images import load_data
+
+    text = (SRC.parent / "README.md").read_text()
+    section = text[text.index("## Evaluate your own model"):]
+    section = section[: section.index("\n## ")]
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(folders["linear-eps"], tmp_path / "my-ddpm")
+    commands = [line.strip() for line in section.splitlines() if line.startswith("    itd ")]
+    local = [c for c in commands if "digits" in c]
+    assert len(local) == 2
+    for command in local:
+        extra = ["--points", "8", "--limit", "4", "--no-tune", "--quiet", "--device", "cpu"] if " eval " in command \
+            else []
+        assert main(shlex.split(command)[1:] + extra) == 0, command
+    code = re.search(r"\n\n((?:    import itdiffusion.*\n)(?:    .*\n|\n)+?)\n(?! )", section).group(1)
+    code = "\n".join(line[4:] for line in code.splitlines())
+    train, test = load_data("digits", "train").x[:200], load_data("digits", "test", limit=2).x
+    namespace = {"my_edm_denoiser": lambda x, sigma: x / (1 + sigma.view(-1, 1, 1, 1) ** 2),
+                 "my_velocity": lambda x_t, t: -x_t, "x_train": train, "x_test": test}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["nll_nats"].shape == (2,) and torch.isfinite(namespace["nll_nats"]).all()
