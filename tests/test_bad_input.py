@@ -382,7 +382,7 @@ CLI_CASES = [
     ("report-names-count", ["report", "{res}", "--names", "a,b", "--out", "{out}/rep"], "2 names for 1 results"),
     ("report-out-is-a-file", ["report", "{res}", "--out", "{text}"], "notes.txt"),
     # --- itd compare
-    ("compare-unknown-model", ["compare", "--model", "nope", "--data", "{vectors}"], "unknown model 'nope'"),
+    ("compare-unknown-model", ["compare", "--model", "nope", "--data", "{vectors}"], "--model 'nope': not a model name"),
     ("compare-missing-data", ["compare", "--model", "gmm-exact", "--data", "{missing}.npy"], "no such file"),
     ("compare-folder-as-data", ["compare", "--model", "gmm-exact", "--data", "{dir_npy}"], "folder.npy"),
     ("compare-forged-npy", ["compare", "--model", "gmm-exact", "--data", "{forged}"], "forged.npy"),

@@ -224,15 +224,18 @@ def test_cli_user_errors_exit_2(argv, message, capsys):
 
 
 def test_cli_registry_model(tmp_path, monkeypatch, capsys):
-    import itdiffusion.denoisers as denoisers
+    import itdiffusion.resolve as resolve
+    from itdiffusion.core.grid import DiscreteGrid
 
-    def fake_build(name, weights=None):
+    real = resolve.resolve_model
+
+    def fake_resolve(spec, **kwargs):  # compare resolves --model as eval does
+        if spec != "tiny":
+            return real(spec, **kwargs)
         den = IDDPMDenoiser(StubNet(), diffusion_steps=10)
-        den.model_spec = SimpleNamespace(data_shape=(3, 4, 4), data_range=(-1.0, 1.0), data_levels=256)
-        return den
+        return resolve.LoadedModel(den, {}, "tiny", (3, 4, 4), DiscreteGrid(-1.0, 1.0, 256))
 
-    monkeypatch.setattr(denoisers, "build_denoiser", fake_build)
-    monkeypatch.setattr(denoisers, "list_models", lambda: ["tiny"])
+    monkeypatch.setattr(resolve, "resolve_model", fake_resolve)
     path = tmp_path / "images.npy"
     np.save(path, np.random.default_rng(0).integers(0, 256, (6, 3, 4, 4), dtype=np.uint8))
     argv = ["compare", "--model", "tiny", "--data", str(path), "--methods", "it,vlb,ode", "--n-points", "8",
@@ -243,4 +246,4 @@ def test_cli_registry_model(tmp_path, monkeypatch, capsys):
     assert data["methods"]["vlb"]["calls_per_example"] == 10
     assert data["methods"]["vlb"]["settings"]["variance"] == "learned"
     assert main(["compare", "--model", "nope", "--data", str(path)]) == 2
-    assert "unknown model" in capsys.readouterr().err
+    assert "not a model name" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""What ``--model`` names: a registry model, ``small-unet``, a weights file or a run directory.
+"""What ``--model`` names: a registry model, ``small-unet``, a weights file, a run directory, a
+diffusers model or pipeline folder, or a Hub repo id.
 
 :func:`resolve_model` turns the argument into a denoiser ``f(z, logsnr) -> eps_hat``:
 
@@ -8,7 +9,12 @@
   data, correcting the data's Gaussian-optimal denoiser (:class:`itdiffusion.denoisers.nets.GaussianResidual`);
 * a weights file of a registry network (``.safetensors``, or a tensors-only ``.pt``):
   the architecture is recognised from its tensor names and shapes;
-* a diffusers model folder (``config.json`` + safetensors weights);
+* a diffusers model or pipeline folder (a ``UNet2DModel``, class-conditional ones with
+  ``class_label``), or a Hub repo id ``owner/name`` (from the local cache, else downloaded):
+  its own ``scheduler_config.json`` is the source of truth for the schedule and the
+  parametrisation (:func:`itdiffusion.denoisers.denoiser_for_scheduler`); a folder without
+  one is refused, unless a registry name is given with it (``--model NAME --weights FOLDER``,
+  the registry's schedule then; a folder whose own schedule disagrees with it is refused);
 * a run directory written by ``itd finetune`` (its last ``checkpoint.safetensors``), or
   such a checkpoint file.
 
@@ -21,6 +27,9 @@ the architecture is rebuilt before its weights are loaded (:func:`describe_regis
     {"format": "itdiffusion.model", "version": 1, "kind": "small-unet", "label": "small-unet",
      "shape": [1, 8, 8], "config": {"channels": 1, "base": 32, "channel_mult": [1, 2], ...},
      "grid": {...}}
+    {"format": "itdiffusion.model", "version": 1, "kind": "diffusers", "label": "my-ddpm",
+     "shape": [3, 32, 32], "unet": {UNet2DModel config}, "scheduler": {scheduler config},
+     "class_label": null, "source": "path/or/repo-id", "grid": null}
 
 The weights of a run live under the ``denoiser.`` prefix of the checkpoint's model state.
 """
@@ -42,6 +51,7 @@ from .core.spectrum import GaussianSpectrum
 FORMAT = "itdiffusion.model"
 VERSION = 1
 SMALL_UNET = "small-unet"
+DIFFUSERS = "diffusers"
 RUN_CHECKPOINT = "checkpoint.safetensors"
 _DENOISER_PREFIX = "denoiser."
 
@@ -152,7 +162,38 @@ def build_architecture(description: dict, spectrum: GaussianSpectrum | None = No
         if tuple(spectrum.shape) != shape:
             raise ValueError(f"the spectrum is for examples of shape {tuple(spectrum.shape)}, the model for {shape}")
         return GaussianResidual(SmallUNet(**config, skip=False), spectrum)
+    if kind == DIFFUSERS:
+        from .denoisers.hub import require_diffusers
+
+        unet = require_diffusers().UNet2DModel.from_config(description["unet"])
+        return _diffusers_denoiser(unet, description["scheduler"], description.get("class_label"))
     raise ValueError(f"unknown model kind {kind!r} in the model description")
+
+
+def _diffusers_denoiser(unet: nn.Module, scheduler_config: dict, class_label: int | None) -> nn.Module:
+    """The exact adapter of a diffusers UNet under its scheduler, its class label fixed if it has one."""
+    from .denoisers import denoiser_for_scheduler
+    from .denoisers.diffusers import FixedClassLabel
+
+    net = unet if class_label is None else FixedClassLabel(unet, class_label)
+    return denoiser_for_scheduler(net, scheduler_config).eval()
+
+
+def describe_diffusers(unet_config: dict, scheduler_config: dict, *, label: str, source: str,
+                       class_label: int | None = None) -> dict:
+    """Description of a diffusers UNet2DModel under its own scheduler (both configs JSON-able)."""
+    size = unet_config.get("sample_size")
+    hw = [int(size), int(size)] if isinstance(size, int) else [int(v) for v in size]
+    return {"format": FORMAT, "version": VERSION, "kind": DIFFUSERS, "label": label,
+            "shape": [int(unet_config["in_channels"]), *hw], "unet": _plain(unet_config),
+            "scheduler": _plain(scheduler_config), "class_label": class_label, "source": source, "grid": None}
+
+
+def _plain(config) -> dict:
+    """A JSON-able copy of a diffusers config (tuples as lists)."""
+    import json
+
+    return json.loads(json.dumps(dict(config), default=list))
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -163,34 +204,42 @@ def resolve_model(
     spectrum: GaussianSpectrum | None = None,
     grid: DiscreteGrid | None = None,
     seed: int = 0,
+    class_label: int | None = None,
 ) -> LoadedModel:
     """Turn a ``--model`` argument into a :class:`LoadedModel` (see the module docstring).
 
     Args:
         spec: a registry name, ``small-unet``, a weights file, a diffusers folder, a run
-            directory or checkpoint file, or a registry model's Hub repo id.
+            directory or checkpoint file, or a Hub repo id (``owner/name``).
         weights: weights of a registry model (a file, diffusers folder or Hub repo id).
         spectrum: the data's Gaussian (needed by ``small-unet``, which is sized by it).
         grid: the data's grid (recorded in a fresh ``small-unet``'s description).
         seed: initialisation seed of a fresh ``small-unet`` (the global RNG is untouched).
+        class_label: the class a class-conditional diffusers UNet is evaluated at
+            (``-log p(x | y)``); required by such a UNet, refused by other models.
     """
-    from .denoisers import list_models, model_spec
+    from .denoisers import list_models
+    from .denoisers.hub import looks_like_repo_id
 
     if weights is not None and spec not in list_models():
         raise ValueError(f"--weights goes with a registry model name ({', '.join(list_models())}), not {spec!r}")
+    path = Path(spec).expanduser()
+    is_diffusers = spec not in list_names() and (
+        (path.is_dir() and not (path / RUN_CHECKPOINT).is_file()) or (not path.exists() and looks_like_repo_id(spec)))
+    if class_label is not None and not is_diffusers:
+        raise ValueError(f"--class-label goes with a class-conditional diffusers model, not {spec!r}")
     if spec == SMALL_UNET:
         return _fresh_small_unet(spectrum, grid, seed)
     if spec in list_models():
         return _registry(spec, weights, label=spec if weights is None else f"{spec} ({Path(str(weights)).name})")
-    path = Path(spec).expanduser()
+    if is_diffusers:
+        return load_diffusers(spec, class_label=class_label)
     if path.is_dir():
-        return _from_folder(path)
+        return load_run(path / RUN_CHECKPOINT)
     if path.is_file():
         return _from_file(path)
-    by_repo = [name for name in list_models() if model_spec(name).weights == spec]
-    if by_repo:
-        return _registry(by_repo[0], spec, label=by_repo[0])
-    raise ValueError(f"--model {spec!r}: not a model name ({', '.join(list_names())}) and no such file or folder")
+    raise ValueError(f"--model {spec!r}: not a model name ({', '.join(list_names())}), no such file or folder, "
+                     "and not a Hub repo id (owner/name)")
 
 
 def _fresh_small_unet(spectrum, grid, seed) -> LoadedModel:
@@ -212,26 +261,31 @@ def _registry(name: str, weights, label: str) -> LoadedModel:
                        _grid_from_json(description["grid"]))
 
 
-def _from_folder(path: Path) -> LoadedModel:
-    if (path / RUN_CHECKPOINT).is_file():
-        return load_run(path / RUN_CHECKPOINT)
-    if (path / "config.json").is_file() or (path / "unet" / "config.json").is_file():
-        return _diffusers_folder(path)
-    raise ValueError(f"{path}: neither a run directory (no {RUN_CHECKPOINT}) nor a diffusers model folder "
-                     "(no config.json)")
+def load_diffusers(source: str, *, class_label: int | None = None) -> LoadedModel:
+    """A diffusers model or pipeline folder, or a Hub repo id, under its own scheduler config."""
+    from .denoisers.diffusers import (_load_local_unet, _local_model_dir, local_root, local_scheduler_file,
+                                      read_json)
 
-
-def _diffusers_folder(path: Path) -> LoadedModel:
-    from .denoisers import list_models, model_spec
-
-    names = [n for n in list_models() if model_spec(n).architecture == "diffusers.UNet2DModel"]
-    errors = []
-    for name in names:
-        try:
-            return _registry(name, str(path), label=f"{name} ({path.name})")
-        except ValueError as err:
-            errors.append(str(err))
-    raise ValueError(f"{path}: not the network of a registry model ({'; '.join(errors) or 'none known'})")
+    root = local_root(source)
+    if not ((root / "config.json").is_file() or (root / "unet" / "config.json").is_file()):
+        raise ValueError(f"{source}: neither a run directory (no {RUN_CHECKPOINT}) nor a diffusers model folder "
+                         "(no config.json)")
+    model_dir = _local_model_dir(root, None)
+    scheduler = read_json(local_scheduler_file(root, model_dir))
+    unet = _load_local_unet(model_dir)
+    conditional = unet.config.get("num_class_embeds") is not None or unet.config.get("class_embed_type") is not None
+    label = Path(source).name if root == Path(source).expanduser() else source
+    if conditional and class_label is None:
+        raise ValueError(f"{label} is class-conditional (num_class_embeds={unet.config.get('num_class_embeds')}): "
+                         "give --class-label K to evaluate -log p(x | y=K)")
+    if not conditional and class_label is not None:
+        raise ValueError(f"{label} is not class-conditional; drop --class-label")
+    if class_label is not None:
+        label = f"{label} (class {class_label})"
+    denoiser = _diffusers_denoiser(unet, scheduler, class_label)
+    description = describe_diffusers(unet.config, denoiser.scheduler_config, label=label, source=str(source),
+                                     class_label=class_label)
+    return LoadedModel(denoiser, description, label, tuple(description["shape"]), None)
 
 
 def _from_file(path: Path) -> LoadedModel:

@@ -7,7 +7,8 @@ libraries are imported inside ``run``.
 
 Errors a user can fix (bad input, missing files, unknown names, a diverging run) are raised as
 :class:`UsageError`, ``ValueError``, ``OSError`` or ``FloatingPointError``: they are printed as one line and the
-command exits with status 2 (``--debug`` shows the traceback instead).
+command exits with status 2 (``--debug`` shows the traceback instead); so is a missing
+optional dependency (diffusers), with the ``pip install`` line that adds it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import importlib
 import sys
 
+_OPTIONAL = ("diffusers", "huggingface_hub")  # modules of the [diffusers] extra
 SUBCOMMANDS = ("demo", "data", "spectrum", "finetune", "eval", "report", "compare")
 
 
@@ -76,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"itd {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # an optional dependency (diffusers) that is not installed
+        if args.debug or err.name not in _OPTIONAL:
+            raise
+        print(f"itd {args.command}: error: {err.name} is not installed; install it with "
+              f"pip install \"itdiffusion[diffusers]\"", file=sys.stderr)
         return 2
 
 

@@ -8,7 +8,10 @@ from pathlib import Path
 DATA_HELP = ("a folder of PNG/JPEG images (searched recursively; with train/ and test/ sub-folders, the split's), "
              "a .npy array, a CIFAR-10 archive or folder, or a built-in set (digits)")
 MODEL_HELP = ("a registry name (ddpm-cifar10, iddpm-cifar10-vlb), small-unet (fresh, sized to the data), "
-              "a weights file, a diffusers folder, or a run directory written by itd finetune")
+              "a weights file of a registry network, a run directory or checkpoint written by itd finetune, "
+              "a diffusers model or pipeline folder (UNet2DModel; its own scheduler_config.json sets the schedule "
+              "and prediction type: DDPM-family, EDM, VE or flow-matching schedulers), or a Hub repo id owner/name "
+              "(from the cache, else downloaded)")
 
 
 MAX_COUNT = 10**9  # images, examples: more than any data set this runs on
@@ -61,7 +64,10 @@ def positive_float(text: str) -> float:
 
 def add_model_args(p) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--weights", help="weights of a registry model: a file, a diffusers folder or a Hub repo id")
+    p.add_argument("--weights", help="weights of a registry model: a file, a diffusers folder or a Hub repo id "
+                   "(the registry's schedule; a folder whose own scheduler config disagrees is refused)")
+    p.add_argument("--class-label", type=int, help="class-conditional diffusers models: evaluate -log p(x | y) "
+                   "at this class")
 
 
 def add_device_arg(p) -> None:

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from . import UsageError
+from ._common import MODEL_HELP
 
 GMM = "gmm-exact"
 SAMPLE_PREFIX = "sample:"
@@ -28,9 +29,9 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True,
-                   help=f"'{GMM}' (built-in Gaussian mixture with its exact denoiser and density) or a registered "
-                        "model name (see itdiffusion.denoisers.list_models())")
+                   help=f"'{GMM}' (built-in Gaussian mixture with its exact denoiser and density), or {MODEL_HELP}")
     p.add_argument("--weights", help="weights of a registered model: a file, a diffusers folder or a Hub repo id")
+    p.add_argument("--class-label", type=int, help="class-conditional diffusers models: -log p(x | y) at this class")
     p.add_argument("--data", required=True,
                    help=f"a .npy file of examples (N, *shape); with {GMM} also '{SAMPLE_PREFIX}N' to draw N examples "
                         "from the mixture")
@@ -105,8 +106,8 @@ def _gmm_setup(args):
     from ..baselines.compare import demo_mixture
     from ..model import ITDiffusion
 
-    if args.weights or args.spectrum:
-        raise UsageError(f"{GMM} is built in: it takes no --weights or --spectrum")
+    if args.weights or args.spectrum or args.class_label is not None:
+        raise UsageError(f"{GMM} is built in: it takes no --weights, --spectrum or --class-label")
     if args.data.startswith(SAMPLE_PREFIX):
         n = _positive_int(args.data[len(SAMPLE_PREFIX):], "--data sample:N")
         mixture, spectrum = demo_mixture(args.dim, args.components, args.mixture_seed)
@@ -118,29 +119,26 @@ def _gmm_setup(args):
     return ITDiffusion(mixture, spectrum), x, None
 
 
-def _registry_setup(args):
+def _model_setup(args):
+    """Any ``--model`` that ``itd eval`` takes (:func:`itdiffusion.resolve.resolve_model`), with its data."""
     import torch
 
-    from ..denoisers import build_denoiser, list_models
     from ..core.grid import DiscreteGrid
-    from ..model import ITDiffusion
     from ..core.spectrum import GaussianSpectrum
+    from ..model import ITDiffusion
+    from ..resolve import registry_shape, resolve_model
 
-    if args.model not in list_models():
-        raise UsageError(f"unknown model {args.model!r}; known: {GMM}, {', '.join(list_models())}")
     if args.data.startswith(SAMPLE_PREFIX):
         raise UsageError(f"{SAMPLE_PREFIX}N needs an analytic model ({GMM}); give a .npy file")
-    denoiser = build_denoiser(args.model, args.weights)
-    spec = denoiser.model_spec
-    grid = DiscreteGrid(float(spec.data_range[0]), float(spec.data_range[1]), int(spec.data_levels))
     x = load_data(args.data)
-    if x.dtype == torch.uint8:  # 8-bit images: map 0..levels-1 onto the grid
-        x = grid.value(x.double())
-    x = x.float()
-    if tuple(x.shape[1:]) != tuple(spec.data_shape):
-        raise UsageError(f"{args.model} models examples of shape {tuple(spec.data_shape)}; "
-                         f"{args.data} holds {tuple(x.shape[1:])}")
+    shape = registry_shape(args.model)
+    if shape is not None and tuple(x.shape[1:]) != shape:  # before the network is built
+        raise UsageError(f"{args.model} models examples of shape {shape}; {args.data} holds {tuple(x.shape[1:])}")
+    eight_bit = x.dtype == torch.uint8
     x = x[: args.limit] if args.limit else x
+    if eight_bit:  # 8-bit images: map 0..255 onto [-1, 1], the diffusers and registry convention
+        x = DiscreteGrid(-1.0, 1.0, 256).value(x.double())
+    x = x.float()
     if args.spectrum:
         spectrum = GaussianSpectrum.load(args.spectrum)
         if tuple(spectrum.shape) != tuple(x.shape[1:]):
@@ -148,7 +146,13 @@ def _registry_setup(args):
                              f"{args.data} holds {tuple(x.shape[1:])}")
     else:
         spectrum = GaussianSpectrum.from_data(x, diagonal=len(x) <= math.prod(x.shape[1:]))
-    return ITDiffusion(denoiser, spectrum), x, grid
+    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, seed=args.seed,
+                           class_label=args.class_label)
+    if tuple(loaded.shape) != tuple(x.shape[1:]):
+        raise UsageError(f"{loaded.label} models examples of shape {tuple(loaded.shape)}; "
+                         f"{args.data} holds {tuple(x.shape[1:])}")
+    grid = loaded.grid if loaded.grid is not None else (DiscreteGrid(-1.0, 1.0, 256) if eight_bit else None)
+    return ITDiffusion(loaded.denoiser, spectrum), x, grid
 
 
 def _positive_int(text: str, what: str) -> int:
@@ -194,7 +198,7 @@ def run(args) -> int:
         threads = args.threads or (1 if args.model == GMM else None)
         if threads:
             torch.set_num_threads(threads)
-        model, x, grid = _gmm_setup(args) if args.model == GMM else _registry_setup(args)
+        model, x, grid = _gmm_setup(args) if args.model == GMM else _model_setup(args)
         x = x[: args.limit] if args.limit else x
         model, x = model.to(device), x.to(device)
         options = {m: opts for m, opts in _options(args).items() if m in methods}

@@ -140,7 +140,8 @@ def _setup(args, world, device):
     spectrum = load_spectrum(args.spectrum)
     data = open_images(args.data, "test", limit=args.limit, seed=args.seed)
     check_registry_model(args, data, need_weights=True)
-    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
+    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed,
+                           class_label=args.class_label)
     check_shapes(data, spectrum, loaded)
     if data.grid is None and (args.soft_round or args.dequantize):
         raise ValueError(f"{data.source} is continuous (not on a grid): --soft-round and --dequantize need a grid")

@@ -186,7 +186,8 @@ def _load_inputs(args):
     data = open_images(args.data, "train", limit=args.limit, seed=args.seed)  # read batch by batch
     test = load_data(args.test_data, "test", limit=args.test_examples, seed=args.seed) if args.test_data else None
     check_registry_model(args, data, need_weights=False)
-    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed)
+    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed,
+                           class_label=args.class_label)
     check_shapes(data, spectrum, loaded)
     if test is not None:
         check_shapes(test, spectrum)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .schedule import LogSNRTimestepMap, _config_dict, diffusers_alphas_cumprod
 
-__all__ = ["DiffusersDenoiser", "eps_from_prediction", "load_unet"]
+__all__ = ["DiffusersDenoiser", "FixedClassLabel", "eps_from_prediction", "load_unet"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _SCHEDULER_FILE = "scheduler_config.json"
@@ -37,15 +37,16 @@ def eps_from_prediction(
     * "sample": the prediction is x_hat, and ``eps = (z - alpha x) / sigma``.
 
     Args:
-        prediction, z: (B, C, H, W).
+        prediction, z: (B, *shape).
         logsnr: (B,) log-SNR of the channel that produced z (not the clamped one
             the network was told), so the conversion is that of the true channel.
     """
     if prediction_type == "epsilon":
         return prediction
     a = logsnr.to(torch.float64 if logsnr.device.type != "mps" else torch.float32)
-    alpha = torch.sigmoid(a).sqrt().to(prediction.dtype).view(-1, 1, 1, 1)
-    sigma = torch.sigmoid(-a).sqrt().to(prediction.dtype).view(-1, 1, 1, 1)
+    per_example = (-1, *([1] * (prediction.ndim - 1)))
+    alpha = torch.sigmoid(a).sqrt().to(prediction.dtype).view(per_example)
+    sigma = torch.sigmoid(-a).sqrt().to(prediction.dtype).view(per_example)
     if prediction_type == "v_prediction":
         return sigma * z + alpha * prediction
     if prediction_type == "sample":
@@ -53,13 +54,32 @@ def eps_from_prediction(
     raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(_PREDICTION_TYPES)}")
 
 
-def _output_tensor(out: Any) -> torch.Tensor:
-    """The tensor in a diffusers model output (``.sample``), a tuple, or a tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    return out[0]
+def _output_tensor(out: Any, channels: int | None = None) -> torch.Tensor:
+    """The tensor in a diffusers model output (``.sample``), a tuple, or a tensor.
+
+    With ``channels``, an output of twice that many channels (a learned variance after the
+    mean's parametrisation) has its second half dropped.
+    """
+    if not isinstance(out, torch.Tensor):
+        out = out.sample if hasattr(out, "sample") else out[0]
+    if channels is not None and out.ndim > 1 and out.shape[1] == 2 * channels:
+        out = out[:, :channels]
+    return out
+
+
+class FixedClassLabel(nn.Module):
+    """A class-conditional diffusers network with its label fixed: ``net(x, t) = unet(x, t, class_labels=y)``."""
+
+    def __init__(self, unet: nn.Module, class_label: int):
+        super().__init__()
+        classes = getattr(getattr(unet, "config", None), "num_class_embeds", None)
+        if classes is not None and not 0 <= int(class_label) < int(classes):
+            raise ValueError(f"class label {class_label} is outside the network's {classes} classes (0..{classes - 1})")
+        self.unet, self.class_label = unet, int(class_label)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, **kwargs):
+        labels = torch.full((sample.shape[0],), self.class_label, device=sample.device, dtype=torch.long)
+        return self.unet(sample, timestep, class_labels=labels)
 
 
 class DiffusersDenoiser(nn.Module):
@@ -82,6 +102,12 @@ class DiffusersDenoiser(nn.Module):
     def __init__(self, unet: nn.Module, scheduler_config: Any):
         super().__init__()
         self.unet = unet
+        from .schedulers import scheduler_family
+
+        if scheduler_family(scheduler_config) != "vp":
+            raise ValueError(f"{_scheduler_name(scheduler_config)} is not a variance-preserving (betas) schedule; "
+                             "build the denoiser with itdiffusion.denoisers.denoiser_for_scheduler(unet, scheduler) "
+                             "or DiffusersDenoiser.from_pretrained(folder)")
         self.scheduler_config = _config_dict(scheduler_config)
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         if self.prediction_type not in _PREDICTION_TYPES:
@@ -132,52 +158,87 @@ class DiffusersDenoiser(nn.Module):
         logsnr = torch.as_tensor(logsnr, device=z.device).expand(z.shape[0])
         t = self.timesteps(logsnr).float()
         kwargs = {} if y is None else {"class_labels": y}
-        out = _output_tensor(self.unet(z, t, **kwargs))
-        if out.shape[1] == 2 * z.shape[1]:
-            out = out[:, : z.shape[1]]
+        out = _output_tensor(self.unet(z, t, **kwargs), z.shape[1])
         return eps_from_prediction(out, z, logsnr, self.prediction_type)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = None) -> "DiffusersDenoiser":
-        """Load a UNet2DModel and its scheduler config saved by diffusers' ``save_pretrained``.
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = None, *,
+                        scheduler_config: Any = None) -> nn.Module:
+        """The exact denoiser of a UNet2DModel saved by diffusers' ``save_pretrained``, with its own schedule.
 
-        A local folder may be a pipeline folder (``unet/`` and ``scheduler/``) or a
-        model folder (config.json + diffusion_pytorch_model.safetensors) with
-        scheduler_config.json beside it or in ``../scheduler``; `subfolder` names the
-        model folder inside it.  Only safetensors weights are read.  Anything that is
-        not a local folder is handed to diffusers as a Hub repo id (needs network).
-        The returned denoiser is in eval mode.
+        A local folder may be a pipeline folder (``unet/`` and ``scheduler/``) or a model
+        folder (config.json + diffusion_pytorch_model.safetensors) with
+        scheduler_config.json beside it or in ``../scheduler``; `subfolder` names the model
+        folder inside it.  Anything else of the form ``owner/name`` is a Hub repo id, read
+        from the local cache or downloaded (:func:`itdiffusion.denoisers.hub.local_snapshot`).
+        Only safetensors weights are read.
+
+        The scheduler config is the source of truth for the schedule and the
+        parametrisation: a variance-preserving class gives a :class:`DiffusersDenoiser`, EDM
+        and variance-exploding classes a :class:`~itdiffusion.denoisers.adapters.KarrasDenoiser`,
+        flow matching a :class:`~itdiffusion.denoisers.adapters.FlowDenoiser`
+        (:func:`itdiffusion.denoisers.schedulers.denoiser_for_scheduler`); other classes are
+        refused.  A folder without one is refused unless ``scheduler_config`` (a dict or a
+        scheduler) is given.  The returned denoiser is in eval mode.
         """
-        unet = load_unet(path_or_repo_id, subfolder)
-        root = Path(path_or_repo_id)
-        if root.is_dir():
-            model_dir = _local_model_dir(root, subfolder)
-            scheduler_config = _read_json(_local_scheduler_file(root, model_dir))
-        else:
-            scheduler_config = _remote_scheduler_config(str(path_or_repo_id), subfolder)
-        return cls(unet, scheduler_config).eval()
+        from .schedulers import denoiser_for_scheduler
+
+        root = local_root(path_or_repo_id, subfolder)
+        model_dir = _local_model_dir(root, subfolder)
+        if scheduler_config is None:
+            scheduler_config = read_json(local_scheduler_file(root, model_dir))
+        unet = _load_local_unet(model_dir)
+        return denoiser_for_scheduler(unet, scheduler_config).eval()
+
+
+def _scheduler_name(config: Any) -> str:
+    if hasattr(config, "config") and not isinstance(config, Mapping):
+        return type(config).__name__
+    return str(dict(config).get("_class_name", "the scheduler"))
+
+
+def local_root(path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = None) -> Path:
+    """A local folder, or the cached snapshot of a Hub repo id; FileNotFoundError for neither."""
+    from .hub import local_snapshot, looks_like_repo_id
+
+    root = Path(path_or_repo_id).expanduser()
+    if root.is_dir():
+        return root
+    if root.exists() or not looks_like_repo_id(str(path_or_repo_id)):
+        raise FileNotFoundError(f"{path_or_repo_id}: not a diffusers model folder or a Hub repo id (owner/name)")
+    return Path(local_snapshot(str(path_or_repo_id), subfolder))
 
 
 def load_unet(path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = None):
     """A diffusers UNet2DModel (eval mode) from a saved folder or a Hub repo id, safetensors only.
 
-    Local folders are looked up as in `DiffusersDenoiser.from_pretrained`; anything that
-    is not a local folder is handed to diffusers as a repo id (needs network).
+    Folders and repo ids are looked up as in `DiffusersDenoiser.from_pretrained`.
     """
-    from diffusers import UNet2DModel
-
-    root = Path(path_or_repo_id)
-    if root.is_dir():
-        model_dir = _local_model_dir(root, subfolder)
-        return UNet2DModel.from_pretrained(str(model_dir), use_safetensors=True).eval()
-    if root.exists() or str(path_or_repo_id).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{path_or_repo_id}: not a diffusers model folder")
-    return UNet2DModel.from_pretrained(str(path_or_repo_id), subfolder=subfolder, use_safetensors=True).eval()
+    root = local_root(path_or_repo_id, subfolder)
+    return _load_local_unet(_local_model_dir(root, subfolder))
 
 
-def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _load_local_unet(model_dir: Path):
+    from .hub import require_diffusers
+
+    diffusers = require_diffusers()
+    name = read_json(model_dir / "config.json").get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise ValueError(f"{model_dir}: a {name}; only UNet2DModel networks (unconditional or class-conditional) "
+                         "are supported")
+    return diffusers.UNet2DModel.from_pretrained(str(model_dir), use_safetensors=True).eval()
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; ValueError naming the file if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _local_model_dir(root: Path, subfolder: Optional[str]) -> Path:
@@ -192,28 +253,19 @@ def _local_model_dir(root: Path, subfolder: Optional[str]) -> Path:
     raise FileNotFoundError(f"{root}: no config.json in {' or '.join(str(c) for c in candidates)}")
 
 
-def _local_scheduler_file(root: Path, model_dir: Path) -> Path:
-    """scheduler_config.json beside the model, in ../scheduler, or in the root's scheduler/."""
-    candidates = [
-        model_dir / _SCHEDULER_FILE,
-        model_dir.parent / "scheduler" / _SCHEDULER_FILE,
-        root / "scheduler" / _SCHEDULER_FILE,
-        root / _SCHEDULER_FILE,
-    ]
-    for path in candidates:
+def scheduler_file_candidates(root: Path, model_dir: Path) -> list[Path]:
+    """Where a model's scheduler_config.json may lie: beside it, in ../scheduler, in the root's scheduler/."""
+    return [model_dir / _SCHEDULER_FILE, model_dir.parent / "scheduler" / _SCHEDULER_FILE,
+            root / "scheduler" / _SCHEDULER_FILE, root / _SCHEDULER_FILE]
+
+
+def local_scheduler_file(root: Path, model_dir: Path) -> Path:
+    """The model's scheduler_config.json; FileNotFoundError saying what to add if there is none."""
+    for path in scheduler_file_candidates(root, model_dir):
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{root}: no {_SCHEDULER_FILE} beside the model or in a scheduler/ folder")
-
-
-def _remote_scheduler_config(repo_id: str, subfolder: Optional[str]) -> dict:
-    """Scheduler config of a Hub repo: from its scheduler/ folder, else beside the model."""
-    from diffusers import DDPMScheduler
-
-    errors = []
-    for folder in ("scheduler", subfolder):
-        try:
-            return dict(DDPMScheduler.load_config(repo_id, subfolder=folder))
-        except (OSError, ValueError) as err:  # EnvironmentError is OSError
-            errors.append(f"{folder or '.'}: {err}")
-    raise FileNotFoundError(f"{repo_id}: no scheduler config found ({'; '.join(errors)})")
+    raise FileNotFoundError(
+        f"{root}: no {_SCHEDULER_FILE} beside the model or in a scheduler/ folder, so its noise schedule and "
+        f"prediction type are unknown; save the scheduler it was trained with there (e.g. "
+        f"DDPMScheduler(...).save_pretrained('{model_dir}')), or name a registry model whose schedule it uses "
+        f"(--model NAME --weights {root})")

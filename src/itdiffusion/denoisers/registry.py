@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-from .diffusers import DiffusersDenoiser, load_unet
+from .diffusers import DiffusersDenoiser, load_unet, local_root
 from .iddpm import IDDPMDenoiser, IDDPMUNet
 from .loading import load_into, load_state_dict
 
@@ -178,12 +178,16 @@ def _looks_like_repo_id(weights: str) -> bool:
 
 def _build_diffusers(spec: ModelSpec, weights: Optional[str | os.PathLike]) -> nn.Module:
     """UNet2DModel with weights from a file, a saved folder or a Hub repo; spec's schedule."""
-    from diffusers import UNet2DModel
+    from .hub import require_diffusers
+
+    UNet2DModel = require_diffusers().UNet2DModel
 
     path = None if weights is None else Path(weights)
     if path is not None and (path.is_dir() or (not path.exists() and _looks_like_repo_id(str(weights)))):
-        unet = load_unet(weights)
+        root = local_root(weights)
+        unet = load_unet(root)
         _check_config(spec, unet.config, source=str(weights))
+        _check_schedule(spec, root, source=str(weights))
     else:
         unet = UNet2DModel(**spec.config)
         if path is None:
@@ -200,6 +204,40 @@ def _check_config(spec: ModelSpec, config: Mapping[str, Any], source: str) -> No
     if differ:
         shown = ", ".join(f"{k}={config.get(k)!r} (expected {spec.config[k]!r})" for k in differ[:3])
         raise ValueError(f"{source} is not a {spec.name} network: {shown}")
+
+
+def _schedule_text(config: Mapping[str, Any]) -> str:
+    cfg = dict(config)
+    kind = "trained_betas" if cfg.get("trained_betas") is not None else f"{cfg.get('beta_schedule', 'linear')} betas"
+    zero = ", zero terminal SNR" if cfg.get("rescale_betas_zero_snr") else ""
+    return (f"{cfg.get('_class_name', 'DDPMScheduler')} {kind} over {cfg.get('num_train_timesteps', 1000)} steps"
+            f"{zero}, {cfg.get('prediction_type', 'epsilon')} prediction")
+
+
+def _check_schedule(spec: ModelSpec, root: Path, source: str) -> None:
+    """ValueError if a saved model's own scheduler config means another schedule or parametrisation than the spec's.
+
+    A folder without a scheduler config takes the spec's (the user named the registry model).
+    """
+    import torch
+
+    from .diffusers import _local_model_dir, read_json, scheduler_file_candidates
+    from .schedule import diffusers_alphas_cumprod
+    from .schedulers import full_config, scheduler_family
+
+    files = [f for f in scheduler_file_candidates(root, _local_model_dir(root, None)) if f.is_file()]
+    if not files:
+        return
+    own = full_config(read_json(files[0]))
+    same = scheduler_family(own) == "vp" and own.get("prediction_type", "epsilon") == spec.schedule.get(
+        "prediction_type", "epsilon")
+    if same:
+        a, b = diffusers_alphas_cumprod(own), diffusers_alphas_cumprod(dict(spec.schedule))
+        same = a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-6, atol=0))
+    if not same:
+        raise ValueError(f"{source} was trained with its own schedule ({_schedule_text(own)}, {files[0].name}) but "
+                         f"{spec.name} uses {_schedule_text(spec.schedule)}; evaluate the folder under its own "
+                         f"schedule with --model {source} (no registry name)")
 
 
 def _build_iddpm(spec: ModelSpec, weights: Optional[str | os.PathLike]) -> nn.Module:

@@ -73,13 +73,25 @@ def diffusers_alphas_cumprod(scheduler_config: Any) -> torch.Tensor:
     """alpha_bar_t (T,) float64 as diffusers' DDPM-family schedulers define it.
 
     Reads ``num_train_timesteps``, ``beta_schedule`` ("linear", "scaled_linear",
-    "squaredcos_cap_v2", "sigmoid"), ``beta_start``, ``beta_end`` and ``trained_betas``
-    (used when given) with diffusers' defaults; computed in float64 where diffusers
-    uses float32.
+    "squaredcos_cap_v2", "sigmoid"), ``beta_start``, ``beta_end``, ``trained_betas``
+    (used when given) and ``rescale_betas_zero_snr`` (the last entry is then 0: log-SNR
+    -inf) with DDPMScheduler's defaults; computed in float64 where diffusers uses float32.
     """
     cfg = _config_dict(scheduler_config)
+    abar = _betas_alphas_cumprod(cfg)
     if cfg.get("rescale_betas_zero_snr"):
-        raise ValueError("rescale_betas_zero_snr schedules reach log-SNR -inf; not supported")
+        abar = _zero_terminal_snr(abar)
+    return abar
+
+
+def _zero_terminal_snr(abar: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2024), Algorithm 1: ``sqrt(alpha_bar)`` shifted to end at 0, rescaled to keep its start."""
+    root = abar.sqrt()
+    root = (root - root[-1]) * (root[0] / (root[0] - root[-1]))
+    return root**2
+
+
+def _betas_alphas_cumprod(cfg: dict) -> torch.Tensor:
     if cfg.get("trained_betas") is not None:
         return _cumprod(torch.as_tensor(cfg["trained_betas"], dtype=torch.float64).flatten())
     steps = int(cfg.get("num_train_timesteps", 1000))
@@ -106,13 +118,18 @@ class LogSNRTimestepMap:
     The table ``logsnr_t`` (t = 0..T-1) is strictly decreasing; between grid points
     the map is linear in t.  Log-SNRs outside ``logsnr_range`` are clamped to its
     ends (timestep 0 above the range, T-1 below it), where the gradient is zero.
+    A zero-terminal-SNR table (last ``alpha_bar`` exactly 0, log-SNR -inf) is mapped on its
+    finite steps 0..T-2 (``alphas_cumprod`` then holds those; ``zero_terminal_snr`` is True).
 
     Args:
-        alphas_cumprod: (T,) alpha_bar_t, strictly decreasing in (0, 1).
+        alphas_cumprod: (T,) alpha_bar_t, strictly decreasing in (0, 1) (the last may be 0).
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
+        self.zero_terminal_snr = bool(abar.ndim == 1 and len(abar) > 2 and abar[-1] == 0)
+        if self.zero_terminal_snr:  # log-SNR -inf at the last step: the map covers the finite steps
+            abar = abar[:-1]
         table = torch.log(abar) - torch.log1p(-abar)
         if table.ndim != 1 or len(table) < 2 or not bool((table[1:] < table[:-1]).all()):
             raise ValueError("alphas_cumprod must be 1-D, of length >= 2 and strictly decreasing")
