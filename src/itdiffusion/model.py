@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .core.condition import as_condition, check_takes_y
 from .core.errors import ErrorOptions, Errors, call_errors, check_batch_size, pair_errors
 from .core.grid import DiscreteGrid
 from .core.noise import seed_from
@@ -183,9 +184,22 @@ class ITDiffusion(nn.Module):
             discrete.check(x, name)
 
     # ----------------------------------------------------------------- denoising
-    def forward(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        """``eps_hat`` from the wrapped denoiser (no checks)."""
-        return self.denoiser(z, logsnr.to(z.dtype))
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``eps_hat`` from the wrapped denoiser; ``y``: its condition (``None``: unconditional).
+
+        ``ValueError`` when ``y`` is given and the denoiser takes none."""
+        if y is None:
+            return self.denoiser(z, logsnr.to(z.dtype))
+        check_takes_y(self.denoiser)
+        return self.denoiser(z, logsnr.to(z.dtype), y=y)
+
+    def condition(self, y, x: torch.Tensor) -> torch.Tensor | None:
+        """``y`` as one condition per example of ``x`` on its device (see
+        :func:`itdiffusion.core.condition.as_condition`); ``ValueError`` for an unconditional denoiser."""
+        if y is None:
+            return None
+        check_takes_y(self.denoiser)
+        return as_condition(y, len(x), x.device)
 
     def errors(self, x: torch.Tensor, logsnr: torch.Tensor, eps: torch.Tensor, *,
                discrete: DiscreteGrid | None = None, roundings=(), clamp=None, batch_size: int | None = None) -> Errors:
@@ -258,10 +272,11 @@ class ITDiffusion(nn.Module):
         antithetic: bool | None = None,
         batch_size: int | None = None,
         tuned: bool = True,
+        y=None,
     ) -> torch.Tensor:
         """Per-example negative log-likelihood in nats, ``(B, *shape) -> (B,)`` float64.
 
-        Continuous data: ``-log p(x)``.  With ``discrete=DiscreteGrid(...)``: an upper bound
+        Continuous data: ``-log p(x)`` (``-log p(x | y)`` with a condition ``y``).  With ``discrete=DiscreteGrid(...)``: an upper bound
         on ``-log P(x)`` (in expectation exact for the optimal denoiser only with
         ``rounding="none"``, or ``"auto"`` after :meth:`tune`, which keeps the raw error where
         rounding does not lower it; rounding makes a good network's bound tighter), with
@@ -283,9 +298,12 @@ class ITDiffusion(nn.Module):
                 :func:`default_antithetic`).
             batch_size: (example, point) pairs per network call (default: all at once
                 within a group of examples).
+            y: the condition of a conditional denoiser: ``(B,)`` labels, one int for every
+                example, or any ``(B, ...)`` tensor the network takes (``None``: unconditional).
         """
+        y = self.condition(y, x)
         estimator = self.estimator(n_points, discrete=discrete, rounding=rounding, clamp=clamp, placement=placement,
                                    clip=clip, antithetic=antithetic, batch_size=batch_size, tuned=tuned)
         self.check_data(x, discrete)
         seed = seed_from(generator) if seed is None else int(seed)
-        return estimator.nll(self, self.spectrum, x, seed=seed)
+        return estimator.nll(self, self.spectrum, x, seed=seed, y=y)

@@ -21,6 +21,7 @@ __all__ = ["DiffusersDenoiser", "eps_from_prediction", "load_unet"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _SCHEDULER_FILE = "scheduler_config.json"
+_UNSAID = object()
 
 
 def eps_from_prediction(
@@ -94,6 +95,14 @@ class DiffusersDenoiser(nn.Module):
     def logsnr_range(self) -> tuple[float, float]:
         """(min, max) log-SNR covered by the training timesteps; clamped outside."""
         return self.timesteps.logsnr_range
+
+    @property
+    def conditional(self) -> Optional[bool]:
+        """Whether the UNet takes class labels (``None``: it does not say; see :mod:`itdiffusion.core.condition`).
+
+        A diffusers UNet without a class embedding ignores ``class_labels``, so labels are refused."""
+        embedding = getattr(self.unet, "class_embedding", _UNSAID)
+        return None if embedding is _UNSAID else embedding is not None
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z: (B, C, H, W); logsnr: (B,) or scalar -> eps_hat (B, C, H, W).
