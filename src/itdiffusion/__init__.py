@@ -6,6 +6,7 @@ modules imported on demand.
 """
 
 from .core.analytic import FiniteDiscrete, GaussianMixture
+from .core.analytic_conditional import ClassMixture, JointFinite
 from .baselines.compare import compare
 from .evaluation import evaluate
 from .core.grid import DiscreteGrid, right_tail_bound
@@ -17,7 +18,9 @@ from .core.spectrum import GaussianSpectrum
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassMixture",
     "DiscreteGrid",
+    "JointFinite",
     "compare",
     "Estimate",
     "Results",

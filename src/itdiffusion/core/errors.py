@@ -15,6 +15,7 @@ import torch
 
 from .channel import add_noise, x_from_eps
 from .grid import DiscreteGrid
+from .perdim import to_dimensions
 from .spectrum import GaussianSpectrum
 
 ROUNDINGS = ("none", "hard", "soft")
@@ -98,7 +99,8 @@ class ErrorOptions:
             ``"gaussian"`` (the Gaussian denoiser's, :func:`soft_rounding_variance`) or
             ``"channel"`` (``sigmoid(-a) = 1 / (1 + e^a)``, the published code's kernel).
         per_dim: keep one error per dimension, ``(P, d)`` instead of the sum ``(P,)`` (the
-            Gaussian's in the data's own basis: its residual rotated back from the spectrum's).
+            Gaussian's per eigen-coordinate, assigned to dimensions by
+            :func:`itdiffusion.core.perdim.to_dimensions`).
     """
 
     discrete: DiscreteGrid | None = None
@@ -190,9 +192,9 @@ def call_errors(
         clamped = x_hat.clamp(*options.clamp)
         diff = torch.where(clamped != x_hat, torch.exp(0.5 * a) * (x.double() - clamped), diff)
     total = (lambda t: t.flatten(1)) if options.per_dim else (lambda t: t.flatten(1).sum(1))  # noqa: E731
-    if options.per_dim:  # the Gaussian's residual in the data's basis (same total: rotations keep norms)
-        resid = spectrum.from_eigenbasis(spectrum.denoise_residual(x, logsnr, eps, x_eig=x_eig, eps_eig=eps_eig))
-        gauss = resid * resid
+    if options.per_dim:  # the Gaussian's error per eigen-coordinate, assigned to dimensions as its offsets are
+        resid = spectrum.denoise_residual(x, logsnr, eps, x_eig=x_eig, eps_eig=eps_eig)
+        gauss = to_dimensions(spectrum, resid * resid)
     else:
         gauss = spectrum.denoise_error(x, logsnr, eps, x_eig=x_eig, eps_eig=eps_eig)
     errs = Errors(raw=total(diff * diff), gauss=gauss)
