@@ -16,7 +16,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("demo", "data", "spectrum", "finetune", "eval", "report", "compare")
+SUBCOMMANDS = ("demo", "data", "spectrum", "finetune", "eval", "report", "compare", "infomap", "mi", "classify")
 
 
 class UsageError(Exception):

@@ -59,3 +59,21 @@ def as_condition(y, n: int, device=None) -> torch.Tensor | None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError("y contains NaN or Inf")
     return t.to(device) if device is not None else t
+
+
+class NullLabel(torch.nn.Module):
+    """A conditional denoiser whose ``y=None`` is a fixed null label (classifier-free-guidance models,
+    trained with labels dropped to ``null``): ``f(z, logsnr, y=None) -> inner(z, logsnr, y=y or null)``."""
+
+    conditional = True
+
+    def __init__(self, inner, null: int):
+        super().__init__()
+        check_takes_y(inner)
+        self.inner = inner
+        self.null = int(null)
+
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            y = torch.full((len(z),), self.null, dtype=torch.long, device=z.device)
+        return self.inner(z, logsnr, y=y)
