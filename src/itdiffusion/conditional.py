@@ -34,6 +34,8 @@ from .core.pipeline import Estimator, Pass
 
 __all__ = ["point_terms", "mutual_information", "class_log_likelihoods"]
 
+MIN_POINTS_TO_DROP = 8  # points seen before a candidate may be dropped (fewer give no usable standard error)
+
 
 def point_terms(estimator: Estimator, spectrum, x, measurement, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(offset (B,), t (B, m))`` of pass ``name``: its estimate is ``offset + t.mean(1)`` nats."""
@@ -94,7 +96,8 @@ def class_log_likelihoods(model, x: torch.Tensor, labels, estimator: Estimator, 
     on its own noise, from ``seed`` and the round); after each round a candidate whose running
     ``-log p(x | y_k)`` is behind the leader's by more than ``early_drop`` standard errors of
     their paired difference is dropped, and keeps the estimate of the rounds it was measured
-    in.  ``None`` (default): all candidates get every call, in one round.
+    in, capped at the lowest survivor's (so the decision is a survivor).  No candidate is dropped
+    before ``MIN_POINTS_TO_DROP`` points.  ``None`` (default): all candidates get every call, in one round.
     """
     conditions = _labels(model, labels, x)
     if early_drop is None:
@@ -110,39 +113,42 @@ def class_log_likelihoods(model, x: torch.Tensor, labels, estimator: Estimator, 
         raise ValueError(f"early_drop must be a positive number of standard errors and rounds a positive int, "
                          f"got {early_drop!r} and {rounds!r}")
     per_round = estimator.with_sampling(n_calls=max(1, -(-estimator.sampling.n_calls // int(rounds))))
-    rows = [_classify_one(model, x[i : i + 1], i, [c[i : i + 1] for c in conditions], per_round, seed,
-                          float(early_drop), int(rounds)) for i in range(len(x))]
-    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    return _early_drop(model, x, conditions, per_round, seed, float(early_drop), int(rounds))
 
 
-def _classify_one(model, x, index: int, conditions: list, estimator: Estimator, seed: int, z: float, rounds: int):
-    """One example (``x`` ``(1, *shape)``, its position ``index``) with early dropping."""
-    k = len(conditions)
-    active = list(range(k))
-    offsets = [None] * k
-    terms: list[list[torch.Tensor]] = [[] for _ in range(k)]
-    calls = torch.zeros(k, dtype=torch.long)
+def _early_drop(model, x, conditions: list, estimator: Estimator, seed: int, z: float, rounds: int):
+    """Rounds of calls on the candidates still in the running for each example (each round on its own
+    noise from ``seed`` and the round; within a round, shared by the candidates)."""
+    n, k, m = len(x), len(conditions), estimator.sampling.n_points
+    active = torch.ones(n, k, dtype=torch.bool)
+    terms = torch.full((n, k, rounds * m), float("nan"), dtype=torch.float64)
+    offset = torch.zeros(n, dtype=torch.float64)
     for r in range(rounds):
-        names = {f"y{j}": conditions[j] for j in active}
-        m = estimator.measure(model, model.spectrum, x, seed=example_seed(seed, r), first_index=index,
-                              passes=_condition_passes(estimator, names))
-        for j in active:
-            offsets[j], t = point_terms(estimator, model.spectrum, x, m, f"y{j}")
-            terms[j].append(t[0])
-            calls[j] += estimator.sampling.n_calls
-        if r < rounds - 1 and len(active) > 1:
-            active = _survivors(active, [torch.cat(terms[j]) for j in range(k)], z)
-    scores = torch.stack([-(offsets[j][0] + torch.cat(terms[j]).mean()) for j in range(k)])
-    return scores, calls
+        for j in range(k):
+            rows = active[:, j].nonzero()[:, 0]
+            if len(rows) == 0:
+                continue
+            dev_rows = rows.to(x.device)
+            passes = _condition_passes(estimator, {"y": conditions[j][dev_rows]})
+            meas = estimator.measure(model, model.spectrum, x[dev_rows], seed=example_seed(seed, r),
+                                     indices=rows.tolist(), passes=passes)
+            off, t = point_terms(estimator, model.spectrum, x[dev_rows], meas, "y")
+            terms[rows, j, r * m : (r + 1) * m] = t.cpu()
+            offset[rows] = off.cpu()
+        if r < rounds - 1 and (r + 1) * m >= MIN_POINTS_TO_DROP:
+            active &= ~_behind(terms[:, :, : (r + 1) * m], active, z)
+    calls = (~terms[:, :, ::m].isnan()).sum(2) * estimator.sampling.n_calls
+    scores = -(offset[:, None] + terms.nanmean(2))
+    # A dropped candidate keeps its estimate, capped at the lowest survivor's: the decision is a survivor.
+    floor = torch.where(active, scores, torch.full_like(scores, float("inf"))).min(1, keepdim=True).values
+    return torch.where(active, scores, torch.minimum(scores, floor)).to(x.device), calls
 
 
-def _survivors(active: list[int], terms: list[torch.Tensor], z: float) -> list[int]:
-    """Candidates not behind the leader (lowest running estimate) by more than ``z`` paired standard errors."""
-    means = {j: terms[j].mean() for j in active}
-    lead = min(active, key=lambda j: means[j].item())
-    keep = []
-    for j in active:
-        diff, se = mean_se(terms[j] - terms[lead])
-        if j == lead or not diff.item() > z * se.item():
-            keep.append(j)
-    return keep
+def _behind(terms: torch.Tensor, active: torch.Tensor, z: float) -> torch.Tensor:
+    """``(B, K)``: active candidates whose running ``-log p`` exceeds the leader's (the lowest) by more
+    than ``z`` standard errors of their paired difference over the points seen, ``terms (B, K, s)``."""
+    means = torch.where(active, terms.mean(2), torch.full_like(terms[:, :, 0], float("inf")))
+    lead = means.argmin(1)
+    diff = terms - terms[torch.arange(len(terms)), lead][:, None]
+    mean, se = mean_se(diff)
+    return active & (mean > z * se) & (se > 0)

@@ -162,6 +162,7 @@ class Estimator:
         passes: tuple[Pass, ...] | None = None,
         same_noise: bool = False,
         per_call: bool = False,
+        indices=None,
     ) -> Measurement:
         """Errors of every pass on examples ``first_index, first_index + 1, ...`` of ``x`` ``(B, *shape)``.
 
@@ -169,8 +170,13 @@ class Estimator:
         stream).  ``passes`` default to the data pass of this estimator.  ``same_noise``:
         every example draws the stream of example ``first_index`` (common random numbers,
         e.g. for a smooth density plot).  ``per_call``: keep one error per call ``(B, n_calls)``
-        instead of the mean over each point's calls (the tuning pilot).
+        instead of the mean over each point's calls (the tuning pilot).  ``indices``: the stream
+        index of every example (``(B,)`` ints, instead of ``first_index, first_index + 1, ...``).
         """
+        if indices is not None:
+            indices = [int(i) for i in indices]
+            if len(indices) != len(x):
+                raise ValueError(f"{len(indices)} stream indices for {len(x)} examples")
         passes = (self.data_pass(),) if passes is None else tuple(passes)
         for p in passes:
             if p.y is not None and len(p.y) != len(x):
@@ -184,8 +190,11 @@ class Estimator:
         for start in range(0, len(x), group):
             xb = x[start : start + group]
             first = first_index if same_noise else first_index + start
-            indices = range(first, first + (1 if same_noise else len(xb)))
-            streams = NoiseStreams(seed, indices, layout.n_strata, tuple(x.shape[1:]), dtype=x.dtype,
+            if indices is not None:
+                group_indices = indices[start : start + len(xb)]
+            else:
+                group_indices = range(first, first + (1 if same_noise else len(xb)))
+            streams = NoiseStreams(seed, group_indices, layout.n_strata, tuple(x.shape[1:]), dtype=x.dtype,
                                    device=x.device, budget=NOISE_BUDGET)
             group_passes = tuple(p.rows(start, start + group) for p in passes)
             parts.append(self._measure_group(denoise, spectrum, xb, streams, shared, group_passes, per_call))
