@@ -45,7 +45,8 @@ def plot_maps(images: np.ndarray, maps: np.ndarray, path, *, unit: str = "bits/d
         top = float(np.percentile(np.abs(panels), 99.5)) or float(np.abs(panels).max()) or 1.0
         lo, hi, cmap = -top, top, "RdBu_r"
     else:
-        lo, hi, cmap = (float(v) for v in np.percentile(panels, [0.25, 99.75]))
+        lo, hi = (float(v) for v in np.percentile(panels, [0.25, 99.75]))
+        cmap = "viridis"
         hi = hi if hi > lo else lo + 1.0
     extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[
         (bool(panels.min() < lo), bool(panels.max() > hi))]
