@@ -18,10 +18,11 @@ LAYERS = [
     {"fileio", "tables"},  # leaf utilities: stdlib and numpy only, usable from every layer
     {"core"},
     {"denoisers"},
-    {"objective", "tuning", "model", "protocols", "results", "evalstate", "evaluation", "metrics"},
+    {"objective", "tuning", "model", "protocols", "results", "evalstate", "evaluation", "metrics", "conditional",
+     "infomap"},
     {"baselines"},
     {"training", "data", "reporting"},
-    {"resolve", "demo", "guard", "cli"},
+    {"resolve", "demo", "demo_conditional", "guard", "cli"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 ALLOWED_IN_CORE = {"torch", "numpy"} | set(sys.stdlib_module_names)

@@ -215,6 +215,10 @@ FT = ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", "{s
       "--epochs", "1", *RUN_ARGS]
 EV = ["eval", "--model", "{run}", "--data", "digits", "--spectrum", "{spec}", "--points", "4", "--limit", "4",
       *RUN_ARGS]
+def MAPS(command):  # noqa: N802 - the common arguments of itd infomap / mi / classify
+    return [command, "--model", "small-unet", "--data", "digits", "--spectrum", "{spec}", "--points", "4"]
+
+
 CLI_CASES = [
     # --- itd demo
     ("demo-unknown-dataset", ["demo", "--dataset", "nope", "--out", "{out}/d"], "unknown data set 'nope'"),
@@ -409,6 +413,17 @@ CLI_CASES = [
     ("compare-spectrum-dimension", ["compare", "--model", "ddpm-cifar10", "--data", "{cifar_like}", "--spectrum",
                                     "{spec}", "--methods", "it", "--n-points", "2"],
      "spectrum.npz is for examples of shape (1, 8, 8)"),
+    # itd infomap / mi / classify (issue 18)
+    ("infomap-wrong-suffix", [*MAPS("infomap"), "--out", "{out}/m.txt"], "--out must name a .png or .pdf"),
+    ("infomap-missing-spectrum", ["infomap", "--model", "small-unet", "--data", "digits", "--spectrum", "{missing}",
+                                  "--out", "{out}/m.png"], "no such file"),
+    ("mi-no-labels", [*MAPS("mi"), "--out", "{out}/m.png"], "has no labels"),
+    ("mi-unconditional-model", [*MAPS("mi"), "--y", "3", "--out", "{out}/m.png"], "is not conditional"),
+    ("classify-figure-out", [*MAPS("classify"), "--out", "{out}/c.png"], "--out must name a .json"),
+    ("classify-missing-folder", ["classify", "--model", "small-unet", "--data", "{missing}", "--spectrum", "{spec}",
+                                 "--out", "{out}/c.json"], "not a folder"),
+    ("classify-negative-early-drop", [*MAPS("classify"), "--early-drop", "-1", "--out", "{out}/c.json"],
+     "--early-drop must be a positive"),
 ]
 
 

@@ -25,6 +25,8 @@ _EXPORTS = {
     "FullGaussianMixture": ".core.analytic",
     "FiniteDiscrete": ".core.analytic",
     "ProductDiscrete": ".core.analytic",
+    "ClassMixture": ".core.analytic_conditional",
+    "JointFinite": ".core.analytic_conditional",
     # evaluation, comparison, results
     "evaluate": ".evaluation",
     "Evaluator": ".evaluation",

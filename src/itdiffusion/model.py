@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .denoisers.protocol import Denoiser
+from .core.condition import as_condition, check_takes_y
 from .core.errors import ErrorOptions, Errors, call_errors, check_batch_size, pair_errors
 from .core.grid import DiscreteGrid
 from .core.noise import seed_from
@@ -182,9 +183,22 @@ class ITDiffusion(nn.Module):
             discrete.check(x, name)
 
     # ----------------------------------------------------------------- denoising
-    def forward(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        """``eps_hat`` from the wrapped denoiser (no checks)."""
-        return self.denoiser(z, logsnr.to(z.dtype))
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``eps_hat`` from the wrapped denoiser; ``y``: its condition (``None``: unconditional).
+
+        ``ValueError`` when ``y`` is given and the denoiser takes none."""
+        if y is None:
+            return self.denoiser(z, logsnr.to(z.dtype))
+        check_takes_y(self.denoiser)
+        return self.denoiser(z, logsnr.to(z.dtype), y=y)
+
+    def condition(self, y, x: torch.Tensor) -> torch.Tensor | None:
+        """``y`` as one condition per example of ``x`` on its device (see
+        :func:`itdiffusion.core.condition.as_condition`); ``ValueError`` for an unconditional denoiser."""
+        if y is None:
+            return None
+        check_takes_y(self.denoiser)
+        return as_condition(y, len(x), x.device)
 
     def errors(self, x: torch.Tensor, logsnr: torch.Tensor, eps: torch.Tensor, *,
                discrete: DiscreteGrid | None = None, roundings=(), clamp=None, batch_size: int | None = None) -> Errors:
@@ -257,10 +271,11 @@ class ITDiffusion(nn.Module):
         antithetic: bool | None = None,
         batch_size: int | None = None,
         tuned: bool = True,
+        y=None,
     ) -> torch.Tensor:
         """Per-example negative log-likelihood in nats, ``(B, *shape) -> (B,)`` float64.
 
-        Continuous data: ``-log p(x)``.  With ``discrete=DiscreteGrid(...)``: an upper bound
+        Continuous data: ``-log p(x)`` (``-log p(x | y)`` with a condition ``y``).  With ``discrete=DiscreteGrid(...)``: an upper bound
         on ``-log P(x)`` (in expectation exact for the optimal denoiser only with
         ``rounding="none"``, or ``"auto"`` after :meth:`tune`, which keeps the raw error where
         rounding does not lower it; rounding makes a good network's bound tighter), with
@@ -282,9 +297,74 @@ class ITDiffusion(nn.Module):
                 :func:`default_antithetic`).
             batch_size: (example, point) pairs per network call (default: all at once
                 within a group of examples).
+            y: the condition of a conditional denoiser: ``(B,)`` labels, one int for every
+                example, or any ``(B, ...)`` tensor the network takes (``None``: unconditional).
         """
+        y = self.condition(y, x)
         estimator = self.estimator(n_points, discrete=discrete, rounding=rounding, clamp=clamp, placement=placement,
                                    clip=clip, antithetic=antithetic, batch_size=batch_size, tuned=tuned)
         self.check_data(x, discrete)
         seed = seed_from(generator) if seed is None else int(seed)
-        return estimator.nll(self, self.spectrum, x, seed=seed)
+        return estimator.nll(self, self.spectrum, x, seed=seed, y=y)
+
+    # ----------------------------------------------------------------- conditional uses and maps
+    def _prepared(self, x, n_points, seed, generator, options: dict) -> tuple[Estimator, int]:
+        """The estimator of ``options`` (the keywords of :meth:`estimator`) and the run seed, data checked."""
+        estimator = self.estimator(n_points, **options)
+        self.check_data(x, options.get("discrete"))
+        return estimator, seed_from(generator) if seed is None else int(seed)
+
+    def mi(self, x: torch.Tensor, y, n_points: int = 256, *, seed: int | None = None,
+           generator: torch.Generator | None = None, return_se: bool = False, **options):
+        """Per-example pointwise mutual information ``i(x; y) = log p(x | y) - log p(x)`` in nats, ``(B,)``.
+
+        The unconditional and conditional errors are measured on the same noise and points (see
+        :mod:`itdiffusion.conditional`).  ``return_se``: return ``(mi, se)``, ``se`` ``(B,)`` the
+        standard error of each estimate.  ``options``: the keywords of :meth:`estimator`
+        (``discrete``, ``rounding``, ``clamp``, ``placement``, ``clip``, ``antithetic``, ``batch_size``, ``tuned``).
+        """
+        from .conditional import mutual_information
+
+        estimator, seed = self._prepared(x, n_points, seed, generator, options)
+        mi, se = mutual_information(self, x, y, estimator, seed=seed)
+        return (mi, se) if return_se else mi
+
+    def classify(self, x: torch.Tensor, labels, n_points: int = 256, *, seed: int | None = None,
+                 generator: torch.Generator | None = None, early_drop: float | None = None, rounds: int = 4,
+                 return_calls: bool = False, **options):
+        """``(B, K)`` log-likelihoods ``log p(x | y_k)`` (plus a constant shared by the ``K`` candidates).
+
+        All candidates are measured on shared noise; ``softmax(scores, 1)`` is ``p(y | x)`` under a
+        uniform prior and ``argmax`` the zero-shot label.  ``labels``: candidate conditions (or
+        ``K`` for ``0..K-1``).  ``n_points``: calls per example and candidate.  ``early_drop``:
+        drop a candidate after any of ``rounds`` rounds when it is behind the leader by that many
+        standard errors (see :func:`itdiffusion.conditional.class_log_likelihoods`).
+        ``return_calls``: also return the ``(B, K)`` calls spent per candidate.
+        ``options``: the keywords of :meth:`estimator`.
+        """
+        from .conditional import class_log_likelihoods
+
+        estimator, seed = self._prepared(x, n_points, seed, generator, options)
+        scores, calls = class_log_likelihoods(self, x, labels, estimator, seed=seed, early_drop=early_drop,
+                                              rounds=rounds)
+        return (scores, calls) if return_calls else scores
+
+    def nll_map(self, x: torch.Tensor, n_points: int = 256, *, seed: int | None = None,
+                generator: torch.Generator | None = None, y=None, **options) -> torch.Tensor:
+        """Per-dimension contributions ``(B, *shape)`` nats to :meth:`nll` (same seed and options: they
+        sum to it, to float rounding).  ``y``: a condition, for a map of ``-log p(x | y)`` (maps of
+        ``i(x; y)``: :meth:`mi_map`).  ``options``: the keywords of :meth:`estimator` (``discrete=``, ``rounding=``, ...).  How the
+        Gaussian reference is assigned to dimensions: :mod:`itdiffusion.core.perdim`.
+        """
+        from .infomap import nll_map
+
+        estimator, seed = self._prepared(x, n_points, seed, generator, options)
+        return nll_map(self, x, estimator, seed=seed, y=self.condition(y, x))
+
+    def mi_map(self, x: torch.Tensor, y, n_points: int = 256, *, seed: int | None = None,
+               generator: torch.Generator | None = None, **options) -> torch.Tensor:
+        """Per-dimension contributions ``(B, *shape)`` nats to :meth:`mi` (same seed: they sum to it)."""
+        from .infomap import mi_map
+
+        estimator, seed = self._prepared(x, n_points, seed, generator, options)
+        return mi_map(self, x, self.condition(y, x), estimator, seed=seed)

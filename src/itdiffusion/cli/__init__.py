@@ -18,7 +18,7 @@ import importlib
 import sys
 
 _OPTIONAL = ("diffusers", "huggingface_hub")  # modules of the [diffusers] extra
-SUBCOMMANDS = ("demo", "data", "spectrum", "finetune", "eval", "report", "compare")
+SUBCOMMANDS = ("demo", "data", "spectrum", "finetune", "eval", "report", "compare", "infomap", "mi", "classify")
 
 
 class UsageError(Exception):

@@ -15,10 +15,12 @@ import torch
 
 from .channel import add_noise, x_from_eps
 from .grid import DiscreteGrid
+from .perdim import to_dimensions
 from .spectrum import GaussianSpectrum
 
 ROUNDINGS = ("none", "hard", "soft")
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z (B, *shape), logsnr (B,)) -> eps_hat
+# (z (B, *shape), logsnr (B,)) -> eps_hat; a conditional denoiser also takes ``y=`` (B, ...) labels.
+Denoise = Callable[..., torch.Tensor]
 
 # Elements per error computation (whole network batches, at least one): small enough to stay
 # in a CPU core's cache, large enough to keep an accelerator busy.
@@ -96,6 +98,9 @@ class ErrorOptions:
         soft_variance: the error variance of ``x_hat`` that soft rounding assumes:
             ``"gaussian"`` (the Gaussian denoiser's, :func:`soft_rounding_variance`) or
             ``"channel"`` (``sigmoid(-a) = 1 / (1 + e^a)``, the published code's kernel).
+        per_dim: keep one error per dimension, ``(P, d)`` instead of the sum ``(P,)`` (the
+            Gaussian's per eigen-coordinate, assigned to dimensions by
+            :func:`itdiffusion.core.perdim.to_dimensions`).
     """
 
     discrete: DiscreteGrid | None = None
@@ -103,6 +108,7 @@ class ErrorOptions:
     clamp: tuple[float, float] | None = None
     batch_size: int | None = None
     soft_variance: str = "gaussian"
+    per_dim: bool = False
 
     def __post_init__(self):
         for rounding in self.roundings:
@@ -116,13 +122,23 @@ class ErrorOptions:
             raise ValueError(f"soft_variance must be 'gaussian' or 'channel', got {self.soft_variance!r}")
 
 
-def denoise_checked(denoise: Denoise, z: torch.Tensor, logsnr: torch.Tensor, batch_size: int | None) -> torch.Tensor:
-    """``eps_hat`` in network batches of ``batch_size``; ``ValueError`` for a wrong shape or NaN/Inf."""
+def _call(denoise: Denoise, z: torch.Tensor, logsnr: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """``denoise(z, logsnr)``, or ``denoise(z, logsnr, y=y)`` for a condition ``y``."""
+    return denoise(z, logsnr) if y is None else denoise(z, logsnr, y=y)
+
+
+def denoise_checked(denoise: Denoise, z: torch.Tensor, logsnr: torch.Tensor, batch_size: int | None,
+                    y: torch.Tensor | None = None) -> torch.Tensor:
+    """``eps_hat`` in network batches of ``batch_size``; ``ValueError`` for a wrong shape or NaN/Inf.
+
+    ``y``: ``(len(z), ...)`` condition of each pair (``None``: unconditional), batched with ``z``.
+    """
     if batch_size is not None and len(z) > batch_size:
-        eps_hat = torch.cat([denoise(z[i : i + batch_size], logsnr[i : i + batch_size])
+        eps_hat = torch.cat([_call(denoise, z[i : i + batch_size], logsnr[i : i + batch_size],
+                                   None if y is None else y[i : i + batch_size])
                              for i in range(0, len(z), batch_size)])
     else:
-        eps_hat = denoise(z, logsnr)
+        eps_hat = _call(denoise, z, logsnr, y)
     if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != z.shape:
         got = tuple(eps_hat.shape) if isinstance(eps_hat, torch.Tensor) else type(eps_hat).__name__
         raise ValueError(f"denoiser returned {got} for input of shape {tuple(z.shape)}; expected the same shape")
@@ -154,6 +170,7 @@ def call_errors(
     *,
     x_eig: torch.Tensor | None = None,
     eps_eig: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
 ) -> Errors:
     """Errors of one network call per pair on ``z = channel(x, logsnr, eps)``.
 
@@ -161,37 +178,43 @@ def call_errors(
         x, eps: ``(P, *shape)``; ``logsnr``: ``(P,)``.
         x_eig, eps_eig: ``x`` and ``eps`` in the spectrum's eigen-basis when already computed
             (each saves a ``d x d`` product in the Gaussian error).
+        y: ``(P, ...)`` condition passed to the denoiser as ``y=`` (``None``: unconditional).
 
     Returns:
-        :class:`Errors` of shape ``(P,)``.
+        :class:`Errors` of shape ``(P,)`` (``(P, d)`` with ``options.per_dim``).
     """
     z = add_noise(x, logsnr, eps)
-    eps_hat = denoise_checked(denoise, z, logsnr, options.batch_size)
+    eps_hat = denoise_checked(denoise, z, logsnr, options.batch_size, y)
     a = logsnr.double().reshape(-1, *([1] * (x.dim() - 1)))
     diff = eps.double() - eps_hat.double()  # eps - eps_hat, float64
     x_hat = x_from_eps(z, eps_hat, logsnr).double() if options.clamp is not None or options.roundings else None
     if options.clamp is not None:
         clamped = x_hat.clamp(*options.clamp)
         diff = torch.where(clamped != x_hat, torch.exp(0.5 * a) * (x.double() - clamped), diff)
-    errs = Errors(raw=(diff * diff).flatten(1).sum(1),
-                  gauss=spectrum.denoise_error(x, logsnr, eps, x_eig=x_eig, eps_eig=eps_eig))
+    total = (lambda t: t.flatten(1)) if options.per_dim else (lambda t: t.flatten(1).sum(1))  # noqa: E731
+    if options.per_dim:  # the Gaussian's error per eigen-coordinate, assigned to dimensions as its offsets are
+        resid = spectrum.denoise_residual(x, logsnr, eps, x_eig=x_eig, eps_eig=eps_eig)
+        gauss = to_dimensions(spectrum, resid * resid)
+    else:
+        gauss = spectrum.denoise_error(x, logsnr, eps, x_eig=x_eig, eps_eig=eps_eig)
+    errs = Errors(raw=total(diff * diff), gauss=gauss)
     if options.roundings:
-        errs.hard, errs.soft = _rounded_errors(spectrum, options, x, x_hat, logsnr, a)
+        errs.hard, errs.soft = _rounded_errors(spectrum, options, x, x_hat, logsnr, a, total)
     return errs
 
 
-def _rounded_errors(spectrum, options: ErrorOptions, x, x_hat, logsnr, a):
+def _rounded_errors(spectrum, options: ErrorOptions, x, x_hat, logsnr, a, total):
     grid = options.discrete
     k_x = grid.round_index(x.double())
     scale = torch.exp(a) * grid.delta**2
     hard = soft = None
     if "hard" in options.roundings:
-        hard = (scale * (k_x - grid.round_index(x_hat)) ** 2).flatten(1).sum(1)
+        hard = total(scale * (k_x - grid.round_index(x_hat)) ** 2)
     if "soft" in options.roundings:
         var = soft_rounding_variance(spectrum, logsnr) if options.soft_variance == "gaussian" else \
             torch.sigmoid(-logsnr.double().reshape(-1))
         k_soft = grid.soft_round_index(x_hat, logsnr, noise_var=var)
-        soft = (scale * (k_x - k_soft) ** 2).flatten(1).sum(1)
+        soft = total(scale * (k_x - k_soft) ** 2)
     return hard, soft
 
 
@@ -202,15 +225,16 @@ def pair_errors(
     logsnr: torch.Tensor,
     eps: torch.Tensor,
     options: ErrorOptions = ErrorOptions(),
+    y: torch.Tensor | None = None,
 ) -> Errors:
     """:func:`call_errors` for every (example, call) pair, in chunks of whole network batches.
 
     Args:
         x: ``(B, *shape)``; ``logsnr``: ``(n,)`` shared or ``(B, n)`` per example;
-        eps: ``(B, n, *shape)``.
+        eps: ``(B, n, *shape)``; y: ``(B, ...)`` condition of each example, or ``None``.
 
     Returns:
-        :class:`Errors` of shape ``(B, n)``.
+        :class:`Errors` of shape ``(B, n)`` (``(B, n, d)`` with ``options.per_dim``).
     """
     shape, d = tuple(x.shape[1:]), spectrum.d
     n_examples, n_calls = eps.shape[:2]
@@ -222,6 +246,8 @@ def pair_errors(
         x_eig = spectrum.to_eigenbasis(x)
         rotated["x_eig"] = x_eig.unsqueeze(1).expand(n_examples, n_calls, d).reshape(-1, d)
         rotated["eps_eig"] = spectrum.to_eigenbasis(pairs_eps, shift=0.0)
+    if y is not None:
+        rotated["y"] = y.unsqueeze(1).expand(n_examples, n_calls, *y.shape[1:]).reshape(-1, *y.shape[1:])
     # The network sees batch_size pairs at a time; the error arithmetic runs on chunks of
     # whole network batches holding about _ERROR_CHUNK elements (fewer, larger operations).
     net_batch = len(logsnr) if options.batch_size is None else int(options.batch_size)
@@ -232,4 +258,4 @@ def pair_errors(
                     **{k: v[i : i + step] for k, v in rotated.items()})
         for i in range(0, len(logsnr), step)
     ]
-    return Errors.cat(parts).map(lambda t: t.reshape(n_examples, n_calls))
+    return Errors.cat(parts).map(lambda t: t.reshape(n_examples, n_calls, *t.shape[1:]))

@@ -247,10 +247,10 @@ class CallLayout:
         return variants[:, calls // self.group - first, calls % 4]
 
     def mean_per_stratum(self, values: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """Average per-call values ``(B, calls)`` of points ``first, ...`` over each point's calls: ``(B, k)``."""
+        """Average per-call values ``(B, calls, ...)`` of points ``first, ...`` over each point's calls: ``(B, k, ...)``."""
         k = -(-values.shape[1] // self.group)
         idx = self.stratum(values.device, first, first + k) - first
-        sums = torch.zeros(len(values), k, dtype=values.dtype, device=values.device)
+        sums = torch.zeros(len(values), k, *values.shape[2:], dtype=values.dtype, device=values.device)
         counts = torch.zeros(k, dtype=values.dtype, device=values.device)
         counts.index_add_(0, idx, torch.ones_like(idx, dtype=values.dtype))
-        return sums.index_add_(1, idx, values) / counts
+        return sums.index_add_(1, idx, values) / counts.reshape(k, *([1] * (values.dim() - 2)))

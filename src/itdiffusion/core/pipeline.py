@@ -65,12 +65,20 @@ class Pass:
     ``dequantize``: the data plus the example's uniform offset times the grid step.
     ``spectrum``: the Gaussian reference of this pass's control variate (default: the one
     given to :meth:`Estimator.measure`).
+    ``y``: the condition of every example, ``(B, ...)`` for the ``B`` examples measured, passed to
+    the denoiser as ``y=`` (``None``: unconditional).  Passes that differ only in ``y`` see the
+    same noise at the same points (conditional likelihoods, mutual information, classification).
     """
 
     name: str = "data"
     dequantize: bool = False
     options: ErrorOptions = field(default_factory=ErrorOptions)
     spectrum: GaussianSpectrum | None = None
+    y: torch.Tensor | None = field(default=None, compare=False)
+
+    def rows(self, start: int, stop: int) -> "Pass":
+        """This pass for examples ``start:stop`` of the batch (its condition sliced)."""
+        return self if self.y is None else replace(self, y=self.y[start:stop])
 
 
 @dataclass
@@ -154,6 +162,7 @@ class Estimator:
         passes: tuple[Pass, ...] | None = None,
         same_noise: bool = False,
         per_call: bool = False,
+        indices=None,
     ) -> Measurement:
         """Errors of every pass on examples ``first_index, first_index + 1, ...`` of ``x`` ``(B, *shape)``.
 
@@ -161,9 +170,17 @@ class Estimator:
         stream).  ``passes`` default to the data pass of this estimator.  ``same_noise``:
         every example draws the stream of example ``first_index`` (common random numbers,
         e.g. for a smooth density plot).  ``per_call``: keep one error per call ``(B, n_calls)``
-        instead of the mean over each point's calls (the tuning pilot).
+        instead of the mean over each point's calls (the tuning pilot).  ``indices``: the stream
+        index of every example (``(B,)`` ints, instead of ``first_index, first_index + 1, ...``).
         """
+        if indices is not None:
+            indices = [int(i) for i in indices]
+            if len(indices) != len(x):
+                raise ValueError(f"{len(indices)} stream indices for {len(x)} examples")
         passes = (self.data_pass(),) if passes is None else tuple(passes)
+        for p in passes:
+            if p.y is not None and len(p.y) != len(x):
+                raise ValueError(f"pass {p.name!r} has {len(p.y)} conditions for {len(x)} examples")
         if any(p.dequantize for p in passes) and self.discrete is None:
             raise ValueError("dequantizing needs the data grid (discrete=DiscreteGrid(...))")
         layout, d = self.sampling.layout, max(1, x[0].numel())
@@ -173,10 +190,14 @@ class Estimator:
         for start in range(0, len(x), group):
             xb = x[start : start + group]
             first = first_index if same_noise else first_index + start
-            indices = range(first, first + (1 if same_noise else len(xb)))
-            streams = NoiseStreams(seed, indices, layout.n_strata, tuple(x.shape[1:]), dtype=x.dtype,
+            if indices is not None:
+                group_indices = indices[start : start + len(xb)]
+            else:
+                group_indices = range(first, first + (1 if same_noise else len(xb)))
+            streams = NoiseStreams(seed, group_indices, layout.n_strata, tuple(x.shape[1:]), dtype=x.dtype,
                                    device=x.device, budget=NOISE_BUDGET)
-            parts.append(self._measure_group(denoise, spectrum, xb, streams, shared, passes, per_call))
+            group_passes = tuple(p.rows(start, start + group) for p in passes)
+            parts.append(self._measure_group(denoise, spectrum, xb, streams, shared, group_passes, per_call))
         return _cat(parts, shared)
 
     def _measure_group(self, denoise, spectrum, x, streams: NoiseStreams, shared, passes, per_call=False) -> Measurement:
@@ -195,7 +216,8 @@ class Estimator:
             call_eps = layout.call_noise(eps.expand(n, *eps.shape[1:]), first)
             call_logsnr = logsnr[:, layout.stratum(x.device, first, stop)]
             for p in passes:
-                errs = pair_errors(denoise, p.spectrum or spectrum, inputs[p.name], call_logsnr, call_eps, p.options)
+                errs = pair_errors(denoise, p.spectrum or spectrum, inputs[p.name], call_logsnr, call_eps, p.options,
+                                   y=p.y)
                 parts[p.name].append(errs if per_call else errs.map(lambda t: layout.mean_per_stratum(t, first)))
         return Measurement(quad, inputs, {name: Errors.cat(v, dim=1) for name, v in parts.items()})
 
@@ -211,10 +233,12 @@ class Estimator:
         return estimators.discrete(spectrum, grid, x, err, errs.gauss, quad.logsnr.to(x.device), self.split, quad.hi)
 
     def nll(self, denoise: Denoise, spectrum: GaussianSpectrum, x: torch.Tensor, *, seed: int,
-            first_index: int = 0, shared: Quadrature | None = None, same_noise: bool = False) -> torch.Tensor:
-        """Per-example estimate in nats, ``(B, *shape) -> (B,)`` float64 (arguments as in :meth:`measure`)."""
+            first_index: int = 0, shared: Quadrature | None = None, same_noise: bool = False,
+            y: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example estimate in nats, ``(B, *shape) -> (B,)`` float64 (arguments as in :meth:`measure`;
+        ``y`` ``(B, ...)``: the condition, for ``-log p(x | y)``)."""
         m = self.measure(denoise, spectrum, x, seed=seed, first_index=first_index, shared=shared,
-                         same_noise=same_noise)
+                         same_noise=same_noise, passes=(replace(self.data_pass(), y=y),))
         terms = self.integrand(spectrum, x, m.errors["data"], m.quadrature)
         return terms.integrate(m.quadrature)
 

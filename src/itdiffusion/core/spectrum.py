@@ -239,12 +239,24 @@ class GaussianSpectrum:
             x_eig: ``to_eigenbasis(x)`` if already known (e.g. shared by many calls).
             eps_eig: ``to_eigenbasis(eps, shift=0)`` if already known.
         """
+        resid = self.denoise_residual(x, logsnr, eps, x_eig=x_eig, eps_eig=eps_eig)
+        return (resid * resid).sum(1)
+
+    def denoise_residual(
+        self,
+        x: torch.Tensor,
+        logsnr: torch.Tensor,
+        eps: torch.Tensor,
+        *,
+        x_eig: torch.Tensor | None = None,
+        eps_eig: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``U^T (eps - denoise(z))`` in the eigen-basis, ``(B, d)`` float64 (see :meth:`denoise_error`)."""
         a = logsnr.to(torch.float64).reshape(-1, 1)
         y_x = self.to_eigenbasis(x) if x_eig is None else x_eig.to(torch.float64)
         y_e = self.to_eigenbasis(eps, shift=0.0) if eps_eig is None else eps_eig.to(torch.float64)
         u = a + self.log_eigs
-        resid = torch.sigmoid(u) * y_e - torch.exp(0.5 * a + F.logsigmoid(-u)) * y_x
-        return (resid * resid).sum(1)
+        return torch.sigmoid(u) * y_e - torch.exp(0.5 * a + F.logsigmoid(-u)) * y_x
 
     def error_integral(self, x: torch.Tensor, logsnr: torch.Tensor | float) -> torch.Tensor:
         """``Int_{-inf}^{A} E_eps ||eps - eps_g(z_a)||^2 da`` for each example of ``x``, float64 ``(B,)``.

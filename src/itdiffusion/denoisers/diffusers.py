@@ -21,6 +21,7 @@ __all__ = ["DiffusersDenoiser", "FixedClassLabel", "eps_from_prediction", "load_
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _SCHEDULER_FILE = "scheduler_config.json"
+_UNSAID = object()
 
 
 def eps_from_prediction(
@@ -149,6 +150,14 @@ class DiffusersDenoiser(nn.Module):
         out = _output_tensor(self.unet(z, self.timesteps(logsnr).float()))
         c = z.shape[1]
         return eps_from_prediction(out[:, :c], z, logsnr, self.prediction_type), out[:, c:]
+
+    @property
+    def conditional(self) -> Optional[bool]:
+        """Whether the UNet takes class labels (``None``: it does not say; see :mod:`itdiffusion.core.condition`).
+
+        A diffusers UNet without a class embedding ignores ``class_labels``, so labels are refused."""
+        embedding = getattr(self.unet, "class_embedding", _UNSAID)
+        return None if embedding is _UNSAID else embedding is not None
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z: (B, C, H, W); logsnr: (B,) or scalar -> eps_hat (B, C, H, W).

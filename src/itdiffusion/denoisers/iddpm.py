@@ -416,6 +416,13 @@ class IDDPMDenoiser(nn.Module):
             t = t * (1000.0 / self.diffusion_steps)
         return t.float()
 
+    @property
+    def conditional(self) -> Optional[bool]:
+        """Whether the network takes class labels (``None``: it does not say)."""
+        if hasattr(self.net, "num_classes"):
+            return self.net.num_classes is not None
+        return None
+
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z: (B, C, H, W) noisy images; logsnr: (B,) or scalar -> eps_hat (B, C, H, W).
 
