@@ -84,3 +84,14 @@ def test_refusals(files, capsys):
     assert "must name a .json" in capsys.readouterr().err
     assert main(["classify", *common(files)[:2], "--data", str(files), "--spectrum", str(files / "spectrum.npz"),
                  "--out", str(files / "y.json")]) == 2
+
+
+def test_outputs_beside_the_figure_never_replace_the_spectrum(files, capsys):
+    """``--out spectrum.png`` would write its maps to ``spectrum.npz``, the input: refused, even with --overwrite."""
+    spectrum = files / "spectrum.npz"
+    before = spectrum.read_bytes()
+    for command in ("infomap", "mi"):
+        capsys.readouterr()
+        assert main([command, *common(files), "--out", str(files / "spectrum.png"), "--overwrite"]) == 2
+        assert "would replace the input" in capsys.readouterr().err
+    assert spectrum.read_bytes() == before

@@ -21,7 +21,7 @@ from . import fileio as _io
 from .core.analytic_conditional import ClassMixture
 from .core.grid import DiscreteGrid
 from .core.spectrum import GaussianSpectrum
-from .denoisers.nets import SmallUNet, _ResBlock, _batch_logsnr, _gaussian_skip
+from .denoisers.nets import SmallUNet, _batch_logsnr
 from .model import ITDiffusion
 from .objective import ITLoss
 
@@ -50,18 +50,7 @@ class LabelledUNet(SmallUNet):
         logsnr = _batch_logsnr(logsnr, z)
         if y is None:
             y = torch.full((len(z),), self.n_classes, dtype=torch.long, device=z.device)
-        emb = self.embed(logsnr) + self.label_embed(y.long().to(z.device))
-        h = self.conv_in(z)
-        skips = [h]
-        for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, _ResBlock) else layer(h)
-            skips.append(h)
-        for block in self.mid:
-            h = block(h, emb)
-        for layer in self.up:
-            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, _ResBlock) else layer(h)
-        eps_hat = self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
-        return eps_hat + _gaussian_skip(z, logsnr) if self.skip else eps_hat
+        return self.forward_embedded(z, logsnr, self.embed(logsnr) + self.label_embed(y.long().to(z.device)))
 
 
 class ConditionalResidual(nn.Module):

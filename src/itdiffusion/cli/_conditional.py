@@ -50,10 +50,16 @@ def outputs(out: str, suffixes: tuple[str, ...], figure: tuple[str, ...] = (".pn
     return {s: path if s == path.suffix.lower() else path.with_suffix(s) for s in (path.suffix.lower(), *suffixes)}
 
 
-def check_free(paths, overwrite: bool) -> None:
+def check_free(paths, args) -> None:
+    """Refuse outputs that exist (without ``--overwrite``), that would replace an input (the spectrum,
+    the data, the model), or that cannot be written: the one output guard of every command."""
+    from ..guard import check_outputs
+
+    paths = list(paths)
     for path in paths:
-        if path.exists() and not overwrite:
+        if path.exists() and not args.overwrite:
             raise ValueError(f"{path} exists; pass --overwrite to replace it")
+    check_outputs(paths, [args.data, args.spectrum, args.model, getattr(args, "weights", None)])
 
 
 def load_data(args, labelled: str = "auto"):

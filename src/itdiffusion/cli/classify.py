@@ -35,7 +35,7 @@ def run(args) -> int:
     from ._conditional import check_free, outputs, setup
 
     paths = outputs(args.out, (".npz", ".png"), figure=(".json",))
-    check_free(paths.values(), args.overwrite)
+    check_free(paths.values(), args)
     if args.early_drop is not None and not 0 < args.early_drop < float("inf"):
         raise ValueError(f"--early-drop must be a positive number of standard errors, got {args.early_drop}")
     s = setup(args, labelled="yes")

@@ -33,7 +33,7 @@ def run(args) -> int:
     from ._conditional import bits, check_free, outputs, setup
 
     paths = outputs(args.out, (".npz", ".json"))
-    check_free(paths.values(), args.overwrite)
+    check_free(paths.values(), args)
     if not 1 <= args.rows <= 8:
         raise ValueError(f"--rows must be between 1 and 8, got {args.rows}")
     s = setup(args)

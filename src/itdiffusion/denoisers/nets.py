@@ -305,7 +305,11 @@ class SmallUNet(nn.Module):
         """z: (B, C, H, W), logsnr: (B,) -> eps_hat: (B, C, H, W)."""
         self._check_input(z)
         logsnr = _batch_logsnr(logsnr, z)
-        emb = self.embed(logsnr)
+        return self.forward_embedded(z, logsnr, self.embed(logsnr))
+
+    def forward_embedded(self, z: Tensor, logsnr: Tensor, emb: Tensor) -> Tensor:
+        """The network on a checked ``z`` with its ``(B, 4 * base)`` embedding ``emb`` (the log-SNR's, to
+        which a conditional wrapper may add its own)."""
         h = self.conv_in(z)
         skips = [h]
         for layer in self.down:
