@@ -30,12 +30,12 @@ def read_labelled_folder(folder, *, limit: int | None = None, seed: int = 0) -> 
                          "a labelled folder holds one sub-folder of images per class")
     if not paths:
         raise ValueError(f"{folder}: no images in class sub-folders")
+    classes = tuple(sorted({p.relative_to(folder).parts[0] for p in paths}))  # of every image, not only the drawn
     chosen = sample_indices(len(paths), limit, seed)
     if chosen is not None:
         paths = [paths[i] for i in chosen]
     names = tuple(p.relative_to(folder).as_posix() for p in paths)
     tops = [n.split("/", 1)[0] for n in names]
-    classes = tuple(sorted({p.relative_to(folder).parts[0] for p in list_images(folder)}))
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[t] for t in tops], dtype=torch.long)
     return ImageData(x=from_uint8(decode_images(paths, names)), grid=GRID_8BIT, source=str(folder),
