@@ -53,12 +53,16 @@ def check_outputs(outputs: Iterable, inputs: Iterable, *, flag: str = "--out") -
     sources = _inputs(inputs)
     for out in (Path(str(o)) for o in outputs):
         target = _existing(out) or (out.parent.resolve() / out.name)
+        if out.exists() and not (out.is_file() or out.is_dir()):  # a device, a FIFO, a socket
+            raise ValueError(f"{flag} {out} is not a regular file; choose a file name")
         for src in sources:
             if target == src:
                 raise ValueError(f"{flag} {out} would replace the input {src}; choose another name")
             if _is_within(src, target):
                 raise ValueError(f"{flag} {out} would replace the folder holding the input {src}; "
                                  "choose another name")
+            if src.is_dir() and out.is_file() and _is_within(target, src):  # a file an input folder holds
+                raise ValueError(f"{flag} {out} would replace a file of the input {src}; choose another name")
         _check_writable(out, flag)
 
 

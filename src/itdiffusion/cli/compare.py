@@ -60,6 +60,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--threads", type=int,
                    help=f"torch CPU threads (default: 1 for {GMM}, whose tensors are small, else torch's default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .md)")
     p.add_argument("--format", default="markdown", choices=["markdown", "json"], help="what to print")
     p.add_argument("--out", help="write the table as JSON to this path and as Markdown beside it (.md)")
     p.set_defaults(func=run)
@@ -110,6 +111,9 @@ def _gmm_setup(args):
         raise UsageError(f"{GMM} is built in: it takes no --weights, --spectrum or --class-label")
     if args.data.startswith(SAMPLE_PREFIX):
         n = _positive_int(args.data[len(SAMPLE_PREFIX):], "--data sample:N")
+        if n * args.dim > MAX_SAMPLED:
+            raise UsageError(f"--data sample:N: at most {MAX_SAMPLED // args.dim:,} examples of dimension {args.dim}, "
+                             f"got {n:,}")
         mixture, spectrum = demo_mixture(args.dim, args.components, args.mixture_seed)
         x = mixture.sample(n, torch.Generator().manual_seed(args.seed))
     else:
@@ -216,6 +220,7 @@ def run(args) -> int:
 # the largest value each count may take: no flag may ask for a terabyte, a century or a segfault
 _MOST = {"limit": 10**9, "n_points": 10**7, "probes": 10**4, "ode_steps": 10**6, "vlb_steps": 10**6,
          "vlb_calls": 10**6, "batch_size": 2**24, "dim": 10**6, "components": 10**4}
+MAX_SAMPLED = 2**28  # values drawn by --data sample:N (2 GiB of float64)
 MIN_TOL = 1e-12  # below this an adaptive float64 solver only takes its maximum number of steps
 
 
@@ -239,4 +244,7 @@ def _guard_outputs(args):
 
     out = Path(args.out)
     check_outputs([out, out.with_suffix(".md")], [args.data, args.model, args.weights, args.spectrum])
+    for path in (out, out.with_suffix(".md")):
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"{path} exists; pass --overwrite to replace it")
     return OutputLock(out).acquire()

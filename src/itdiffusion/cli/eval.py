@@ -86,8 +86,13 @@ def _check_args(args, out: Path) -> None:
         raise ValueError(f"--out must name a .json file (its arrays go beside it as .npz), got {out}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    from ..guard import check_outputs
+
+    inputs = [args.data, args.spectrum, args.model, args.weights, getattr(args, "pilot_data", None)]
+    check_outputs([out, out.with_suffix(".npz"), progress_path(out)], inputs)  # before any other word on OUT
+    for path in (out, out.with_suffix(".npz")):  # the arrays beside OUT are part of it
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"{path} exists; pass --overwrite to replace it")
     if args.clip is not None and not 0 < args.clip < float("inf"):
         raise ValueError(f"--clip must be positive and finite, got {args.clip}")
     if not args.checkpoint_every >= 0:
@@ -118,11 +123,9 @@ def run(args) -> int:
 
 
 def _guard_outputs(args, out: Path):
-    """Refuse outputs that would replace an input or cannot be written; hold the output lock."""
-    from ..guard import OutputLock, check_outputs
+    """Hold the output lock (the outputs were checked against the inputs by ``_check_args``)."""
+    from ..guard import OutputLock
 
-    inputs = [args.data, args.spectrum, args.model, args.weights, getattr(args, "pilot_data", None)]
-    check_outputs([out, out.with_suffix(".npz"), progress_path(out)], inputs)
     return OutputLock(out).acquire()
 
 

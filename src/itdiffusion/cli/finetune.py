@@ -163,8 +163,12 @@ def _check_resume(out: Path, info: dict) -> None:
         raise ValueError(f"--resume: cannot read {path} ({err}); start a new run with another --out") from None
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: {path} is not a run description; start a new run with another --out")
+    missing = [key for key in RESUME_KEYS if key not in saved]
+    if missing:
+        raise ValueError(f"--resume: {path} lacks {', '.join(missing)}, so the run's settings cannot be checked; "
+                         "start a new run with another --out")
     for key in RESUME_KEYS:
-        if key in saved and saved[key] != _jsonable(info.get(key)):
+        if saved[key] != _jsonable(info.get(key)):
             raise ValueError(f"--resume: {key} differs from the run's ({path} has {saved[key]!r}, this command "
                              f"gives {info.get(key)!r}); repeat the run's settings or choose another --out")
 

@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
                    "adds delta^2/12 to every eigenvalue (exactly). Recommended when some pixels are constant (digits): "
                    "it keeps the Gaussian reference of dequantized data from degenerating")
     p.add_argument("--max-samples", type=positive_int, help="use this many images, drawn at random by --seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the --max-samples draw")
     p.set_defaults(func=run)
 
@@ -38,6 +39,10 @@ def run(args) -> int:
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name such as spectrum.npz")
     check_outputs([out], [args.data])
+    if out.suffix != ".npz":
+        raise ValueError(f"--out must name a .npz file, got {out}")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
     lock = OutputLock(out).acquire()
     try:
         return _spectrum(args, out)

@@ -145,6 +145,8 @@ def load_data(spec: str, split: str = "train", *, limit: int | None = None, seed
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not str(spec).strip():
+        raise ValueError("--data is empty (an unset shell variable?); name a folder, a file or a built-in set")
     if spec in BUILTIN_SETS:
         return _builtin(spec, split).sample(limit, seed)
     path = Path(spec).expanduser()

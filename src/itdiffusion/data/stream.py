@@ -216,8 +216,12 @@ def open_npy(path) -> ImageSource:
     check_regular(path)
     try:
         raw = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
+    except Exception as err:  # noqa: BLE001  (numpy raises many kinds for a damaged header)
         raise ValueError(f"{path}: not a readable .npy array ({_img._short(err)})") from None
+    if not isinstance(raw, np.ndarray):  # np.load reads a zip (.npz) whatever the file is called
+        if hasattr(raw, "close"):
+            raw.close()
+        raise ValueError(f"{path}: not a .npy array (it is a zip archive, as .npz files are)")
     array = _img._as_nchw(raw, path)
     if array.size == 0:
         raise ValueError(f"{path}: no images (the array has shape {array.shape})")

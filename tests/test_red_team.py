@@ -1,0 +1,95 @@
+"""Cases an independent red-team pass found (stop 21): each once wrote over a file, crashed or read the wrong data."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from itdiffusion.cli import main
+from itdiffusion.data.images import load_data
+from itdiffusion.data.stream import open_images
+
+CPU = ["--quiet", "--device", "cpu"]
+
+
+def _fails(argv, capsys, text):
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert text in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def spectrum(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rt") / "s.npz"
+    assert main(["spectrum", "--data", "digits", "--out", str(path)]) == 0
+    return path
+
+
+def test_spectrum_never_replaces_a_file_silently(spectrum, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    out.write_bytes(spectrum.read_bytes())
+    _fails(["spectrum", "--data", "digits", "--out", str(out), "--dequantize"], capsys, "pass --overwrite")
+    assert out.read_bytes() == spectrum.read_bytes()
+    _fails(["spectrum", "--data", "digits", "--out", str(tmp_path / "checkpoint.safetensors")], capsys, ".npz file")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    from PIL import Image
+    for i in range(3):
+        Image.fromarray(np.full((4, 4), 40 * i, np.uint8)).save(images / f"{i}.png")
+    (images / "old.npz").write_bytes(b"kept")
+    _fails(["spectrum", "--data", str(images), "--out", str(images / "old.npz"), "--diagonal", "--overwrite"], capsys,
+           "would replace a file of the input")
+    assert (images / "old.npz").read_bytes() == b"kept"
+
+
+def test_compare_never_replaces_a_file_silently(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    (tmp_path / "r.md").write_text("my notes")
+    _fails(["compare", "--model", "gmm-exact", "--data", "sample:4", "--methods", "it", "--out", str(out)], capsys,
+           "pass --overwrite")
+    assert (tmp_path / "r.md").read_text() == "my notes" and not out.exists()
+    _fails(["compare", "--model", "gmm-exact", "--data", "sample:99999999999", "--methods", "it"], capsys,
+           "--data sample:N: at most")
+
+
+def test_special_files_are_not_outputs(tmp_path, capsys):
+    fifo = tmp_path / "s.npz"
+    os.mkfifo(fifo)
+    _fails(["spectrum", "--data", "digits", "--out", str(fifo), "--overwrite"], capsys, "not a regular file")
+    assert not fifo.is_file()
+
+
+def test_eval_keeps_an_existing_npz_and_the_model_run_files(spectrum, tmp_path, capsys):
+    (tmp_path / "stale.npz").write_bytes(b"someone's arrays")
+    args = ["eval", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--points", "4",
+            "--limit", "4", *CPU]
+    _fails(args + ["--out", str(tmp_path / "stale.json")], capsys, "stale.npz exists; pass --overwrite")
+    assert (tmp_path / "stale.npz").read_bytes() == b"someone's arrays"
+    run = tmp_path / "run"
+    assert main(["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--out",
+                 str(run), "--epochs", "1", "--limit", "32", "--batch-size", "32", *CPU]) == 0
+    before = (run / "run.json").read_bytes()
+    _fails(["eval", "--model", str(run), *args[3:], "--out", str(run / "run.json"), "--overwrite"], capsys,
+           "would replace a file of the input")
+    assert (run / "run.json").read_bytes() == before
+
+    # resume with a key of run.json missing: refused, not trusted
+    info = json.loads(before)
+    del info["data_id"]
+    (run / "run.json").write_text(json.dumps(info))
+    ckpt = (run / "checkpoint.safetensors").read_bytes()
+    _fails(["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--out", str(run),
+            "--epochs", "2", "--limit", "32", "--batch-size", "32", "--resume", *CPU], capsys, "lacks data_id")
+    assert (run / "checkpoint.safetensors").read_bytes() == ckpt
+
+
+def test_a_zip_named_npy_and_an_empty_data_argument(tmp_path, capsys):
+    np.savez(tmp_path / "z.npz", x=np.zeros((3, 1, 2, 2), np.uint8))
+    os.replace(tmp_path / "z.npz", tmp_path / "z.npy")
+    for read in (load_data, open_images):
+        with pytest.raises(ValueError, match="z.npy"):
+            read(str(tmp_path / "z.npy"))
+    _fails(["spectrum", "--data", str(tmp_path / "z.npy"), "--out", str(tmp_path / "s.npz")], capsys, "z.npy")
+    _fails(["spectrum", "--data", "", "--out", str(tmp_path / "s.npz")], capsys, "--data is empty")
