@@ -385,3 +385,41 @@ def state_fingerprint(module: nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+DIFFUSERS_OUT = "diffusers"  # the tuned model of a run of a diffusers model, as a diffusers folder
+
+
+def save_diffusers_folder(denoiser: nn.Module, description: dict, folder) -> Path:
+    """Write the UNet inside ``denoiser`` (a diffusers model's adapter) as a diffusers model folder.
+
+    ``folder`` gets what ``UNet2DModel.save_pretrained`` writes (``config.json``,
+    ``diffusion_pytorch_model.safetensors``) and, beside it, the model's original
+    ``scheduler_config.json``: ``diffusers.UNet2DModel.from_pretrained(folder)`` loads it, and
+    ``itd eval --model folder`` reads it under the same schedule.  The folder is replaced whole.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from .denoisers.hub import require_diffusers
+
+    if description.get("kind") != DIFFUSERS:
+        raise ValueError(f"only diffusers models are written as diffusers folders, not {description.get('kind')!r}")
+    unets = [m for m in denoiser.modules() if isinstance(m, require_diffusers().UNet2DModel)]
+    if len(unets) != 1:
+        raise ValueError(f"expected one UNet2DModel inside the denoiser, found {len(unets)}")
+    folder = Path(folder)
+    temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        unets[0].save_pretrained(str(temp), safe_serialization=True)
+        (temp / "scheduler_config.json").write_text(json.dumps(description["scheduler"], indent=2) + "\n")
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        temp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return folder

@@ -7,6 +7,7 @@ object with a ``.sample`` tensor (or a tuple, or a tensor).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -166,6 +167,9 @@ class DiffusersDenoiser(nn.Module):
         """
         logsnr = torch.as_tensor(logsnr, device=z.device).expand(z.shape[0])
         t = self.timesteps(logsnr).float()
+        if y is None and self.conditional:
+            raise ValueError("this UNet is class-conditional and has no unconditional mode (y=None): give labels, "
+                             "or the null label it was trained with (itd: --null-label K)")
         kwargs = {} if y is None else {"class_labels": y}
         out = _output_tensor(self.unet(z, t, **kwargs), z.shape[1])
         return eps_from_prediction(out, z, logsnr, self.prediction_type)
@@ -235,7 +239,14 @@ def _load_local_unet(model_dir: Path):
     if name != "UNet2DModel":
         raise ValueError(f"{model_dir}: a {name}; only UNet2DModel networks (unconditional or class-conditional) "
                          "are supported")
-    return diffusers.UNet2DModel.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    if not any(model_dir.glob("diffusion_pytorch_model*.safetensors")):
+        others = sorted(p.name for p in model_dir.glob("diffusion_pytorch_model*") if p.suffix != ".json")
+        raise ValueError(f"{model_dir}: no diffusion_pytorch_model.safetensors weights" + (
+            f" (found {', '.join(others)}: only safetensors are read, never pickles; convert them with "
+            "UNet2DModel.from_pretrained(folder).save_pretrained(folder))" if others else ""))
+    # without accelerate, diffusers warns in five lines on every load unless told not to try
+    fast = importlib.util.find_spec("accelerate") is not None
+    return diffusers.UNet2DModel.from_pretrained(str(model_dir), use_safetensors=True, low_cpu_mem_usage=fast).eval()
 
 
 def read_json(path: Path) -> dict:
