@@ -157,3 +157,14 @@ def test_map_commands_resolve_the_model_as_every_command(root, tmp_path, capsys)
     assert main(["classify", *common, "--out", str(tmp_path / "c.json"), "--class-label", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--class-label" in err[0] and "--y" in err[0]
+
+
+def test_compare_takes_evals_arguments_and_saves_its_reference(root, capsys):
+    out = root / "cmp.json"
+    assert main(["compare", "--model", str(root / "cos-v"), "--data", "digits", "--limit", "4", "--methods", "it",
+                 "--points", "8", "--out", str(out)]) == 0  # eval's --points, data formats and default device
+    x = load_data("digits", "test").x[:4]
+    reference = GaussianSpectrum.load(root / "cmp.spectrum.npz")
+    assert torch.allclose(reference.log_eigs, GaussianSpectrum.from_data(x, diagonal=True).log_eigs.double(),
+                          atol=1e-10)
+    assert "-log P(x) on the data grid" in capsys.readouterr().out  # digits' grid was read with the images

@@ -70,6 +70,17 @@ def add_model_args(p) -> None:
                    "at this class")
 
 
+def precheck_hub(spec: str | None) -> None:
+    """Fetch (or find in the cache) a Hub repo id before anything heavy is imported, so that a repo
+    that cannot be had fails in one line at once (nothing for a name or a local path)."""
+    if not spec or Path(spec).expanduser().exists():
+        return
+    from ..denoisers.hub import local_snapshot, looks_like_repo_id
+
+    if looks_like_repo_id(spec):  # no registry name holds a "/"
+        local_snapshot(spec)
+
+
 def add_device_arg(p) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu; "
                    "under torchrun each process takes cuda:LOCAL_RANK)")

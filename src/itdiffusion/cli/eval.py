@@ -128,6 +128,9 @@ def _check_args(args, out: Path) -> None:
 
 
 def run(args) -> int:
+    from ._common import precheck_hub
+
+    precheck_hub(args.model)  # before torch is imported: an unreachable Hub repo fails at once
     from ..evalstate import ProgressStore
     from ..training.distributed import shutdown
     from ._common import start_world

@@ -66,6 +66,9 @@ def _check_out(out: Path, resume: bool) -> None:
 
 
 def run(args) -> int:
+    from ._common import precheck_hub
+
+    precheck_hub(args.model)  # an unreachable Hub repo fails at once
     from ..guard import OutputLock, check_outputs
 
     out = Path(args.out)
