@@ -168,3 +168,25 @@ def test_compare_takes_evals_arguments_and_saves_its_reference(root, capsys):
     assert torch.allclose(reference.log_eigs, GaussianSpectrum.from_data(x, diagonal=True).log_eigs.double(),
                           atol=1e-10)
     assert "-log P(x) on the data grid" in capsys.readouterr().out  # digits' grid was read with the images
+
+
+def test_contradictory_trained_betas_refused():
+    from itdiffusion.denoisers.schedule import diffusers_alphas_cumprod
+
+    abar = diffusers_alphas_cumprod({"trained_betas": [0.1, 0.2, 0.3], "num_train_timesteps": 3})
+    np.testing.assert_allclose(abar.numpy(), np.cumprod([0.9, 0.8, 0.7]))  # closed form
+    with pytest.raises(ValueError, match="trained_betas has 3 entries but num_train_timesteps is 1000"):
+        diffusers_alphas_cumprod({"trained_betas": [0.1, 0.2, 0.3], "num_train_timesteps": 1000})
+
+
+def test_a_folder_without_safetensors_weights_is_named_in_one_line(root, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "noweights"
+    shutil.copytree(root / "cos-v", folder)
+    for path in (folder / "unet").glob("*.safetensors"):
+        path.rename(path.with_suffix(".bin"))
+    assert main(["eval", "--model", str(folder), *EVAL, "--spectrum", str(root / "spectrum.npz"),
+                 "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no diffusion_pytorch_model.safetensors" in err[0] and "never pickles" in err[0]
