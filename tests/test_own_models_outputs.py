@@ -190,3 +190,26 @@ def test_a_folder_without_safetensors_weights_is_named_in_one_line(root, tmp_pat
                  "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no diffusion_pytorch_model.safetensors" in err[0] and "never pickles" in err[0]
+
+
+@pytest.mark.parametrize("folders, extra, message", [
+    ({"10": 2, "11": 2}, [], "class label 10 is outside this UNet's 10 classes"),
+    ({"0": 2, "1": 2}, ["--null-label", "10"], "class label 10 is outside this UNet's 10 classes"),
+    ({"0": 2, "1": 2}, ["--null-label", "-1"], "--null-label must be a label"),
+    ({"0": 2, "1": 2}, ["--device", "cuda:7"], "--device"),
+])
+def test_map_commands_refuse_labels_the_network_lacks(root, tmp_path, capsys, folders, extra, message):
+    from itdiffusion.data.labelled import write_labelled_folder
+
+    x = load_data("digits", "test", limit=4).x
+    classes = sorted(folders)
+    write_labelled_folder(x, torch.tensor([0, 0, 1, 1]), tmp_path / "lab", classes=classes)
+    args = ["--model", str(root / "cond"), "--data", str(tmp_path / "lab"), "--spectrum", str(root / "spectrum.npz"),
+            "--points", "4", *extra]
+    if "--device" not in extra:
+        args += ["--device", "cpu"]
+    command = "mi" if "--null-label" in extra else "classify"
+    out = str(tmp_path / ("o.png" if command == "mi" else "o.json"))
+    assert main([command, *args, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -94,6 +94,9 @@ def setup(args, labelled: str = "auto") -> Setup:
     from ..model import ITDiffusion
     from ._common import check_shapes, load_spectrum
 
+    from ..training.distributed import check_device
+
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spectrum = load_spectrum(args.spectrum)
     data = load_data(args, labelled)
     check_shapes(data, spectrum)
@@ -103,13 +106,17 @@ def setup(args, labelled: str = "auto") -> Setup:
     if args.null_label is not None:
         from ..core.condition import NullLabel
 
+        if args.null_label < 0:
+            raise ValueError(f"--null-label must be a label (a non-negative integer), got {args.null_label}")
         denoiser = NullLabel(denoiser, args.null_label)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = ITDiffusion(denoiser, spectrum).to(device).eval()
     discrete = None if args.continuous else data.grid
     options = {"batch_size": args.batch_size, "discrete": discrete}
     if discrete is not None:
         options["rounding"] = args.rounding
+    if data.classes and not all(c.isdigit() for c in data.classes):  # documented, but easy to miss
+        print("class names are not all integers: the network is given labels in sorted-name order ("
+              + ", ".join(f"{c}={i}" for i, c in enumerate(data.classes)) + ")")
     return Setup(data, model, label, options, device)
 
 
