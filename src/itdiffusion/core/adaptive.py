@@ -27,6 +27,7 @@ from .errors import Errors
 
 ROUNDING_CODES = ("none", "hard", "soft")  # stored as 0, 1, 2
 MIXES = (0.05, 0.2, 0.5, 0.8, 1.0)  # candidate weights of q0 in the fitted mixture (1.0: q0 itself)
+MIN_FIT_EXAMPLES = 8  # pilot examples needed to fit a proposal (held-out halves of four or more)
 MARGIN = 0.8  # a fit replaces the default only where it predicts at most this fraction of its variance
 
 
@@ -310,6 +311,8 @@ def choose_proposal(base, pilot: PilotValues, n_calls: int, default_antithetic: 
     bandwidth = (base.hi - base.lo) / 80.0
     scores = _scores(base, pilot, n_calls, edges, bandwidth, generator)
     default = ("groups" if default_antithetic else "points", 1.0)
+    if pilot.h.shape[0] < MIN_FIT_EXAMPLES:  # too few examples to score fits on held-out ones: the default
+        scores = {default: scores[default]}
     # a fitted proposal must predict less noise than the default proposal in its layout (the
     # noise part is measured directly; the curve part, from a few points per example, is not trusted alone)
     ok = {key: s for key, s in scores.items() if key[1] == 1.0 or s[1] < margin * scores[(key[0], 1.0)][1]}
