@@ -93,3 +93,27 @@ def test_a_zip_named_npy_and_an_empty_data_argument(tmp_path, capsys):
             read(str(tmp_path / "z.npy"))
     _fails(["spectrum", "--data", str(tmp_path / "z.npy"), "--out", str(tmp_path / "s.npz")], capsys, "z.npy")
     _fails(["spectrum", "--data", "", "--out", str(tmp_path / "s.npz")], capsys, "--data is empty")
+
+
+def test_report_names_with_latex_markdown_and_mathtext_specials(tmp_path):
+    """Names are user text: they must come out literally in every file, never break one."""
+    import torch
+
+    import itdiffusion as itd
+    from itdiffusion.reporting.report import write_report
+
+    from conftest import make_mixture
+
+    mix = make_mixture(4)
+    gen = torch.Generator().manual_seed(0)
+    model = itd.ITDiffusion(mix, itd.GaussianSpectrum.from_data(mix.sample(400, gen)))
+    x = mix.sample(6, gen)
+    res = itd.evaluate(model, [x], n_points=8)
+    names = ["a$b|c&%#_{}~^\\z", r"x$\frac{$"]
+    written = write_report([res, res], tmp_path / "rep", names=names)
+    assert {p.name for p in written} >= {"table.md", "table.tex", "error_curves.png"}
+    md = (tmp_path / "rep" / "table.md").read_text()
+    assert r"| a$b\|c&%#_{}~^\z |" in md
+    tex = (tmp_path / "rep" / "table.tex").read_text()
+    assert r"a\$b\textbar{}c\&\%\#\_\{\}\textasciitilde{}\textasciicircum{}\textbackslash{}z" in tex
+    assert r"x\$\textbackslash{}frac\{\$" in tex
