@@ -62,6 +62,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+CLIP_RANGE = (1.0, 700.0)  # logistic scales: below 1 the integral is mostly the Gaussian's; 700 is MAX_CLIP
+
+
+def clip_scales(text: str) -> float:
+    """``--clip``: a half-width in logistic scales within CLIP_RANGE."""
+    value = positive_float(text)
+    lo, hi = CLIP_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"expected {lo:g} .. {hi:g} logistic scales, got {text!r} (outside the range the error curve is taken as "
+            "the Gaussian's, so a tiny range gives the Gaussian's NLL; the default is 10, the paper used 4)")
+    return value
+
+
 def add_model_args(p) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--weights", help="weights of a registry model: a file, a diffusers folder or a Hub repo id "
