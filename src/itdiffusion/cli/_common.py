@@ -84,6 +84,21 @@ def add_model_args(p) -> None:
                    "at this class")
 
 
+MAX_WORKERS = 256
+
+
+def worker_count(text: str) -> int:
+    """``--workers``: 0 (decode in the main process) .. MAX_WORKERS."""
+    if text.strip() == "0":
+        return 0
+    return positive_int(text, MAX_WORKERS)
+
+
+def add_workers_arg(p) -> None:
+    p.add_argument("--workers", type=worker_count, default=0, help="DataLoader worker processes decoding image "
+                   "files ahead of use (default: 0, in the main process; the numbers do not depend on it)")
+
+
 def add_device_arg(p) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu; "
                    "under torchrun each process takes cuda:LOCAL_RANK)")

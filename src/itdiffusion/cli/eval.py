@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, add_device_arg, add_model_args, clip_scales, int_up_to,
-                      positive_int, seed_int)
+from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, add_device_arg, add_model_args, add_workers_arg,
+                      clip_scales, int_up_to, positive_int, seed_int)
 
 CHECKPOINT_EVERY = 300.0  # seconds between saves of partial progress
 
@@ -73,6 +73,7 @@ def _add_run_args(p) -> None:
     p.add_argument("--pilot-calls", type=positive_int, help="the pilot's budget of network calls (default: 5%% of "
                    "the evaluation's, at most the calls of 64 images)")
     add_device_arg(p)
+    add_workers_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -161,7 +162,8 @@ def _setup(args, world, device):
     evaluator.pilot_report = pilot
     step = args.images_per_step or max(1, NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
     identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "dtype": args.dtype}
-    return data, loaded, evaluator, Chunks(data, step, part.start, part.stop), identity
+    chunks = Chunks(data, step, part.start, part.stop, workers=args.workers, pin_memory=device.type == "cuda")
+    return data, loaded, evaluator, chunks, identity
 
 
 def _tune(args, model, data, config) -> dict | None:
