@@ -189,7 +189,7 @@ def test_a_folder_without_safetensors_weights_is_named_in_one_line(root, tmp_pat
     assert main(["eval", "--model", str(folder), *EVAL, "--spectrum", str(root / "spectrum.npz"),
                  "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no diffusion_pytorch_model.safetensors" in err[0] and "never pickles" in err[0]
+    assert len(err) == 1 and "no diffusion_pytorch_model.safetensors" in err[0] and "only safetensors" in err[0]
 
 
 @pytest.mark.parametrize("folders, extra, message", [

@@ -7,7 +7,6 @@ object with a ``.sample`` tensor (or a tuple, or a tensor).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -244,21 +243,10 @@ def load_unet(path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = Non
 
 
 def _load_local_unet(model_dir: Path):
-    from .hub import require_diffusers
+    """The folder's UNet2DModel, strictly (:func:`itdiffusion.denoisers.unet_files.load_unet_folder`)."""
+    from .unet_files import load_unet_folder
 
-    diffusers = require_diffusers()
-    name = read_json(model_dir / "config.json").get("_class_name", "UNet2DModel")
-    if name != "UNet2DModel":
-        raise ValueError(f"{model_dir}: a {name}; only UNet2DModel networks (unconditional or class-conditional) "
-                         "are supported")
-    if not any(model_dir.glob("diffusion_pytorch_model*.safetensors")):
-        others = sorted(p.name for p in model_dir.glob("diffusion_pytorch_model*") if p.suffix != ".json")
-        raise ValueError(f"{model_dir}: no diffusion_pytorch_model.safetensors weights" + (
-            f" (found {', '.join(others)}: only safetensors are read, never pickles; convert them with "
-            "UNet2DModel.from_pretrained(folder).save_pretrained(folder))" if others else ""))
-    # without accelerate, diffusers warns in five lines on every load unless told not to try
-    fast = importlib.util.find_spec("accelerate") is not None
-    return diffusers.UNet2DModel.from_pretrained(str(model_dir), use_safetensors=True, low_cpu_mem_usage=fast).eval()
+    return load_unet_folder(model_dir)
 
 
 def read_json(path: Path) -> dict:
