@@ -170,15 +170,6 @@ def test_compare_takes_evals_arguments_and_saves_its_reference(root, capsys):
     assert "-log P(x) on the data grid" in capsys.readouterr().out  # digits' grid was read with the images
 
 
-def test_contradictory_trained_betas_refused():
-    from itdiffusion.denoisers.schedule import diffusers_alphas_cumprod
-
-    abar = diffusers_alphas_cumprod({"trained_betas": [0.1, 0.2, 0.3], "num_train_timesteps": 3})
-    np.testing.assert_allclose(abar.numpy(), np.cumprod([0.9, 0.8, 0.7]))  # closed form
-    with pytest.raises(ValueError, match="trained_betas has 3 entries but num_train_timesteps is 1000"):
-        diffusers_alphas_cumprod({"trained_betas": [0.1, 0.2, 0.3], "num_train_timesteps": 1000})
-
-
 def test_a_folder_without_safetensors_weights_is_named_in_one_line(root, tmp_path, capsys):
     import shutil
 

@@ -93,12 +93,7 @@ def _zero_terminal_snr(abar: torch.Tensor) -> torch.Tensor:
 
 def _betas_alphas_cumprod(cfg: dict) -> torch.Tensor:
     if cfg.get("trained_betas") is not None:
-        betas = torch.as_tensor(cfg["trained_betas"], dtype=torch.float64).flatten()
-        steps = cfg.get("num_train_timesteps")
-        if steps is not None and int(steps) != len(betas):  # diffusers would index past its table
-            raise ValueError(f"trained_betas has {len(betas)} entries but num_train_timesteps is {steps}: "
-                             "the scheduler config contradicts itself")
-        return _cumprod(betas)
+        return _cumprod(torch.as_tensor(cfg["trained_betas"], dtype=torch.float64).flatten())
     steps = int(cfg.get("num_train_timesteps", 1000))
     start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
     kind = cfg.get("beta_schedule", "linear")
