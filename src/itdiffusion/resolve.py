@@ -398,10 +398,10 @@ def save_diffusers_folder(denoiser: nn.Module, description: dict, folder) -> Pat
     ``scheduler_config.json``: ``diffusers.UNet2DModel.from_pretrained(folder)`` loads it, and
     ``itd eval --model folder`` reads it under the same schedule.  The folder is replaced whole.
     """
-    import json
     import shutil
     import tempfile
 
+    from . import fileio as _io
     from .denoisers.hub import require_diffusers
 
     if description.get("kind") != DIFFUSERS:
@@ -413,7 +413,7 @@ def save_diffusers_folder(denoiser: nn.Module, description: dict, folder) -> Pat
     temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         unets[0].save_pretrained(str(temp), safe_serialization=True)
-        (temp / "scheduler_config.json").write_text(json.dumps(description["scheduler"], indent=2) + "\n")
+        _io.save_json_atomic(temp / "scheduler_config.json", description["scheduler"])
         old = folder.with_name(f".{folder.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
