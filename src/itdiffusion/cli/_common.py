@@ -62,6 +62,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def unit_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (an EMA decay)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
+    return value
+
+
 def add_model_args(p) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--weights", help="weights of a registry model: a file, a diffusers folder or a Hub repo id "
