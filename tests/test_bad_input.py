@@ -329,6 +329,8 @@ CLI_CASES = [
     ("finetune-out-is-a-file", [*FT, "--out", "{text}"], "is a file"),
     ("finetune-diverging", [*FT, "--limit", "32", "--batch-size", "8", "--lr", "1e30", "--out", "{out}/r"],
      "training loss became inf in epoch 1, step 2; lower the lr"),
+    ("finetune-diverging-with-a-log", [*FT, "--limit", "32", "--batch-size", "8", "--lr", "1e30", "--log-dir",
+                                       "{out}/logs", "--out", "{out}/r"], "training loss became inf"),
     # --- itd eval
     ("eval-out-not-json", [*EV, "--out", "{out}/r.txt"], "must name a .json file"),
     ("eval-out-is-a-folder", [*EV, "--out", "{res_dir}"], "is a folder"),

@@ -25,6 +25,7 @@ from .. import fileio as _io
 
 CSV_NAME = "log.csv"
 COLUMNS = ("step", "epoch", "loss", "lr", "val_nll", "val_se")
+_EVENTS = "events.out.tfevents.*"
 
 
 def tensorboard_available() -> bool:
@@ -71,8 +72,10 @@ class RunLog:
 
     def __init__(self, folder, first_epoch: int, first_step: int, tensorboard: bool | None = None):
         self.folder = Path(folder)
+        self._made_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / CSV_NAME
+        self._made_csv = not self.path.exists()
         _io.remove_stale_temps(self.path)
         lines = [",".join(COLUMNS)]
         if self.path.exists():
@@ -87,6 +90,7 @@ class RunLog:
         if tensorboard if tensorboard is not None else tensorboard_available():
             from torch.utils.tensorboard import SummaryWriter
 
+            self._old_events = set(self.folder.glob(_EVENTS))
             self._writer = SummaryWriter(str(self.folder), purge_step=first_step if first_step > 1 else None)
 
     def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
@@ -120,8 +124,21 @@ class RunLog:
         self._csv.write(",".join(fields) + "\n")
         self._csv.flush()
 
-    def close(self) -> None:
+    def close(self, discard: bool = False) -> None:
+        """Flush and close; ``discard``: remove what this log created (a run that failed before its first
+        checkpoint leaves no files behind)."""
+        if discard:
+            self._pending = None
         self._flush_pending()
         self._csv.close()
         if self._writer is not None:
             self._writer.close()
+        if not discard:
+            return
+        if self._writer is not None:
+            for path in set(self.folder.glob(_EVENTS)) - self._old_events:
+                path.unlink(missing_ok=True)
+        if self._made_csv:
+            self.path.unlink(missing_ok=True)
+        if self._made_folder and not any(self.folder.iterdir()):
+            self.folder.rmdir()

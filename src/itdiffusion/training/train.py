@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,17 +190,19 @@ def train(
                  progress, log_dir is not None)
     steps = len(_epoch_batches(len(x_train), config, start, world))  # the same number in every epoch
     log = RunLog(log_dir, start, (start - 1) * steps + 1) if log_dir is not None and world.is_main else None
+    saved = False
     try:
         for epoch in range(start, config.epochs + 1):
             record = _epoch(loop, epoch, log, x_val, discrete)
             history.records.append(record)
             if out is not None and world.is_main:
                 _save(out, model, optimizer, ema, epoch, config, history, meta)
+            saved = True
             if on_epoch is not None and world.is_main:
                 on_epoch(record, model)
     finally:
-        if log is not None:
-            log.close()
+        if log is not None:  # a new run that failed before its first checkpoint leaves no log
+            log.close(discard=start == 1 and not saved and sys.exc_info()[0] is not None)
     barrier(world)
     return history
 
