@@ -6,8 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, MAX_EPOCHS, add_device_arg, add_model_args, int_up_to,
-                      clip_scales, positive_float, positive_int, seed_int, unit_fraction)
+from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, MAX_EPOCHS, add_device_arg, add_model_args,
+                      clip_scales, int_up_to, positive_float, positive_int, seed_int, unit_fraction)
 
 RUN_INFO = "run.json"
 
@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
                    "discrete bound on -log P(x); auto: discrete for data on a grid")
     p.add_argument("--limit", type=positive_int, help="train on this many images, drawn at random by --seed")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation (small-unet), shuffling and noise")
-    add_device_arg(p)
+    add_device_arg(p, workers=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -146,7 +146,7 @@ def _run(args, out: Path) -> int:
     try:
         history = train(model, data, config, x_val=None if test is None else test.x, discrete=grid, out_dir=out,
                         resume=args.resume, meta=description, progress=not args.quiet, on_epoch=on_epoch,
-                        world=world, log_dir=args.log_dir)
+                        world=world, log_dir=args.log_dir, workers=args.workers)
         if world.is_main and history.records:  # also when a resumed run had nothing left to do
             _io.save_json_atomic(out / RUN_INFO, {**info, "epochs_done": history.records[-1].epoch})
     finally:

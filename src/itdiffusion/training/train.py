@@ -151,6 +151,7 @@ def train(
     on_epoch: Callable[[EpochRecord, ITDiffusion], None] | None = None,
     world: World | None = None,
     log_dir: str | Path | None = None,
+    workers: int = 0,
 ) -> History:
     """Train ``model``'s denoiser on ``x_train`` with the IT objective; returns the history.
 
@@ -169,6 +170,8 @@ def train(
             initialised); ``None``: one process.
         log_dir: a folder for the per-step ``log.csv`` and, when ``tensorboard`` is installed,
             TensorBoard scalars (:mod:`itdiffusion.training.runlog`); continued by a resumed run.
+        workers: with a source read on demand, this many ``DataLoader`` processes decode the
+            epoch's batches ahead of use (pinned on CUDA); the weights do not depend on it.
     """
     world = world or World()
     device, params = _check_inputs(model, x_train, config, x_val, discrete)
@@ -181,13 +184,9 @@ def train(
     if world.distributed and config.batch_size < world.size:
         raise ValueError(f"batch_size {config.batch_size} is smaller than the number of processes {world.size}")
     if resume:
-        start, history = _resume(model, optimizer, ema, out, config)
-        if world.is_main:  # a run killed while writing or between its two files: tidy up, make them agree
-            for name in (CHECKPOINT, HISTORY):
-                _io.remove_stale_temps(out / name)
-            _io.save_json_atomic(out / HISTORY, history.to_json())
+        start, history = _resume_and_tidy(model, optimizer, ema, out, config, world)
     loop = _Loop(model, _loss_function(model, device, world), optimizer, ema, x_train, config, device, world,
-                 progress, log_dir is not None)
+                 progress, log_dir is not None, workers)
     steps = len(_epoch_batches(len(x_train), config, start, world))  # the same number in every epoch
     log = RunLog(log_dir, start, (start - 1) * steps + 1) if log_dir is not None and world.is_main else None
     saved = False
@@ -207,6 +206,16 @@ def train(
     return history
 
 
+def _resume_and_tidy(model, optimizer, ema, out: Path, config, world: World) -> tuple[int, History]:
+    """The run's state from ``out``; a run killed while writing or between its two files is tidied up."""
+    start, history = _resume(model, optimizer, ema, out, config)
+    if world.is_main:
+        for name in (CHECKPOINT, HISTORY):
+            _io.remove_stale_temps(out / name)
+        _io.save_json_atomic(out / HISTORY, history.to_json())
+    return start, history
+
+
 @dataclass
 class _Loop:
     """What every epoch of a run uses."""
@@ -221,6 +230,7 @@ class _Loop:
     world: World
     progress: bool
     log_steps: bool  # compute every step's batch-mean loss (over all processes) for the log
+    workers: int = 0  # DataLoader processes reading batches of a source ahead of use
 
 
 def _epoch(loop: _Loop, epoch: int, log: RunLog | None, x_val, discrete) -> EpochRecord:
@@ -283,9 +293,7 @@ def _check_train_data(model: ITDiffusion, x_train) -> None:
 def _read_batch(x_train, indices: torch.Tensor) -> torch.Tensor:
     """Rows ``indices`` of the training data; rows read on demand are checked as they arrive."""
     x = x_train[indices]
-    if not isinstance(x_train, torch.Tensor) and not bool(torch.isfinite(x).all()):
-        raise ValueError("training data contain NaN or Inf")
-    return x
+    return x if isinstance(x_train, torch.Tensor) else _checked(x)
 
 
 def _epoch_batches(n: int, config: TrainConfig, epoch: int, world: World) -> list[torch.Tensor]:
@@ -312,10 +320,10 @@ def _run_epoch(loop: _Loop, epoch: int, log: RunLog | None) -> float:
     reduce_on = device if device.type == "cuda" else "cpu"
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 2 + _RANK_STRIDE * world.rank)  # dropout, inside the fork only
-        for step, batch in enumerate(batches):
+        for step, (batch, x) in enumerate(zip(batches, _batch_reads(loop, batches))):
             index = (epoch - 1) * len(batches) + step
             lr = _set_lr(loop.optimizer, config, index, config.epochs * len(batches))
-            step_sum, rows = _step(loop, batch, gen, epoch, step)
+            step_sum, rows = _step(loop, batch, x, gen, epoch, step)
             total, count = total + step_sum, count + rows
             if loop.log_steps:  # the step's batch mean over all processes
                 batch_sum = all_sum([step_sum], world, reduce_on)[0]
@@ -328,12 +336,31 @@ def _run_epoch(loop: _Loop, epoch: int, log: RunLog | None) -> float:
     return total / count
 
 
-def _step(loop: _Loop, batch: torch.Tensor, gen: torch.Generator, epoch: int, step: int) -> tuple[float, int]:
-    """One optimizer step on ``batch`` in ``grad_accum`` passes; this process's summed loss and its rows."""
+def _batch_reads(loop: _Loop, batches: list[torch.Tensor]):
+    """This process's rows of every batch, in order (decoded ahead by workers for a source read on demand)."""
+    rows = slice(loop.world.rank, None, loop.world.size)
+    if loop.workers <= 0 or isinstance(loop.x_train, torch.Tensor):
+        return (_read_batch(loop.x_train, batch[rows]) for batch in batches)
+    from ..data.stream import read_ahead
+
+    reads = read_ahead(loop.x_train, [batch[rows].numpy() for batch in batches], workers=loop.workers,
+                       pin_memory=loop.device.type == "cuda")
+    return (_checked(x) for x in reads)
+
+
+def _checked(x: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("training data contain NaN or Inf")
+    return x
+
+
+def _step(loop: _Loop, batch: torch.Tensor, x: torch.Tensor, gen: torch.Generator, epoch: int,
+          step: int) -> tuple[float, int]:
+    """One optimizer step on ``batch`` (this process's rows ``x``) in ``grad_accum`` passes; the summed loss, rows."""
     config, world, model = loop.config, loop.world, loop.model
     passes, parts = config.grad_accum, config.grad_accum * world.size
     rows = slice(world.rank, None, world.size)
-    x = _read_batch(loop.x_train, batch[rows]).to(loop.device)
+    x = x.to(loop.device, non_blocking=True)
     if config.dequantize:
         u = torch.rand((len(batch), *x.shape[1:]), generator=gen, device=gen.device, dtype=x.dtype)
         x = x + config.dequantize * (u[rows].to(loop.device) - 0.5)
