@@ -70,9 +70,9 @@ def add_model_args(p) -> None:
                    "at this class")
 
 
-def add_device_arg(p) -> None:
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu; "
-                   "under torchrun each process takes cuda:LOCAL_RANK)")
+def add_device_arg(p, distributed: bool = True) -> None:
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu"
+                   + ("; under torchrun each process takes cuda:LOCAL_RANK)" if distributed else ")"))
 
 
 def start_world(args):

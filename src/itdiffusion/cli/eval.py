@@ -74,6 +74,8 @@ def _add_run_args(p) -> None:
                    "the evaluation's, at most the calls of 64 images)")
     add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--all", action="store_true", help="print every estimate (continuous, discrete, dequantized, "
+                   "Gaussian-clamped) below the headline, each with what it measures")
 
 
 def progress_path(out: Path, world=None) -> Path:
@@ -249,10 +251,20 @@ def _write_results(args, out: Path, evaluator, partial: Path, identity, loaded, 
         "pilot": evaluator.pilot_report,
     })
     results.save(out)
-    print(results.to_markdown(f"{results.config['model']} on {data.source}"), end="")
+    print(headline(results, args.all, f"{results.config['model']} on {data.source}"), end="")
     if evaluator.pilot_report:
         print(f"pilot (apart from the evaluation): {evaluator.pilot_report}")
     print(f"wrote {out} and {out.with_suffix('.npz')}")
+
+
+def headline(results, full: bool, title: str) -> str:
+    """What ``itd eval`` prints: the one number to report first, then (``--all``) every estimate."""
+    text = f"headline: {results.headline_text()}\n"
+    others = len(results.estimates) - 1
+    if not full:
+        return text + f"({others} more estimates in the results file: --all prints them, itd report tabulates)\n"
+    return text + "\nAll estimates (secondary; the headline is the row to compare with published bits/dim):\n" + \
+        results.to_markdown(title, meanings=True)
 
 
 def _interrupt(signum, frame):
