@@ -24,7 +24,7 @@ def test_quick_demo_on_digits_reports_discrete_bits(tmp_path, capsys):
     out = tmp_path / "digits"
     assert main(["demo", "--dataset", "digits", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out  # every metric says what it measures: the discrete bounds come first
-    assert "validation discrete bound -log P(x) <=" in printed and "val nll" not in printed
+    assert "validation discrete bound -log P(x) (32 examples x 8 calls) <=" in printed and "val nll" not in printed
     table = printed[printed.index("estimate (test set)"):]
     assert table.index("dequantized bound on -log P(x), bits/dim") < table.index("continuous -log p(x), nats (grid")
     metrics = json.loads((out / "metrics.json").read_text())

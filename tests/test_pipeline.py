@@ -270,7 +270,7 @@ def test_two_process_finetune_writes_one_run_equal_to_one_process(pipeline, tmp_
     gradient all-reduce): the losses agree to ~1e-9, the weights to ~1e-7 in relative norm, but
     single weights can differ by up to ~10% of one Adam step (Adam divides by the root of the
     squared gradients, which amplifies rounding where a gradient nearly cancels), so the runs
-    are not bit-identical (see README, Guarantees).
+    are not bit-identical (see docs/guarantees.md, Determinism).
     """
     spectrum = pipeline["spectrum"]
     args = ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--epochs", "2",

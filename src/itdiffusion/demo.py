@@ -152,8 +152,10 @@ def _epoch_logger(model, ds, settings, epochs: int, verbose: bool, log):
     """``(on_epoch, snapshots, extent)``: the per-epoch callback that logs and, for 2-D data, keeps
     density snapshots (appended to ``snapshots``) on a mesh over ``extent``."""
     snapshots, mesh, extent, keep = [], None, None, set()
-    val_label = ("validation discrete bound -log P(x) <=" if ds.grid is not None  # what train() validates
-                 else "validation -log p(x) (continuous)")
+    # a coarser estimate than the test's:
+    calls = f"{min(settings.val_examples, len(ds.test))} examples x {settings.val_points} calls"
+    val_label = (f"validation discrete bound -log P(x) ({calls}) <=" if ds.grid is not None  # what train() validates
+                 else f"validation -log p(x) (continuous, {calls})")
     if not len(ds.shape) > 1:  # 2-D point data, not images
         mesh, extent = _density_grid(ds.train, settings.density_grid)
         keep = set(np.unique(np.linspace(0, epochs, DENSITY_SNAPSHOTS).round().astype(int)).tolist())
@@ -212,7 +214,8 @@ def _table(m: dict) -> str:
             rows.append((label, f"{m[key]:.4f}", f"{m[key + '_se']:.4f}", "–"))
     grid = "test_discrete_bpd" in m
     rows.append(("continuous -log p(x), nats" + (" (grid values as a density: not comparable)" if grid else ""),
-                 f"{m['test_nll_nats']:.4f}", f"{m['test_nll_nats_se']:.4f}", "–" if truth is None else f"{truth:.4f}"))
+                 f"{m['test_nll_nats']:.4f}", f"{m['test_nll_nats_se']:.4f}",
+                 "–" if truth is None else f"{truth:.4f}"))
     rows.append(("Gaussian reference -log N(x), nats (continuous)", f"{m['gaussian_nll_nats']:.4f}", "", ""))
     rows.append(("time, s", f"{m['seconds']:.1f}", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -95,7 +95,8 @@ def mixed_data_warning(results: list[Results], labels: list[str]) -> str | None:
     """
     def identity(res: Results):
         cfg = res.config
-        data = cfg.get("data_sha256") or (cfg.get("data"), cfg.get("limit"), cfg.get("seed") if cfg.get("limit") else None)
+        drawn = cfg.get("seed") if cfg.get("limit") else None  # --limit images are drawn by the seed
+        data = cfg.get("data_sha256") or (cfg.get("data"), cfg.get("limit"), drawn)
         return res.n_examples, tuple(res.shape), data
 
     if len({identity(r) for r in results}) <= 1:
