@@ -176,6 +176,16 @@ def files(tmp_path_factory):
     f["res_npz_truncated"].with_suffix(".npz").write_bytes(f["res"].with_suffix(".npz").read_bytes()[:1000])
     f["res_dir"] = root / "results" / "folder.json"
     f["res_dir"].mkdir()
+    damaged = {"run_history_list": ("history.json", "[1, 2]"),
+               "run_history_string_loss": ("history.json", '[{"epoch": 1, "train_loss": "x"}]'),
+               "run_history_truncated": ("history.json", '[{"epoch": 1, "tr'),
+               "run_info_no_d": ("run.json", '{"model": 1}'),
+               "run_info_binary": ("run.json", "\udcff\udcfe"),
+               "run_info_list": ("run.json", "[]")}
+    for key, (name, text) in damaged.items():
+        f[key] = root / key
+        shutil.copytree(f["run"], f[key])
+        (f[key] / name).write_bytes(text.encode("utf-8", "surrogateescape"))
 
     # A partial evaluation made with other settings, and a truncated one, beside their outputs.
     f["progress"] = root / "progress"
@@ -363,9 +373,15 @@ CLI_CASES = [
     ("eval-negative-batch", [*EV, "--batch-size", "-1", "--out", "{out}/r.json"], "--batch-size"),
     ("eval-zero-limit", [*EV, "--limit", "0", "--out", "{out}/r.json"], "--limit"),
     ("eval-zero-images-per-step", [*EV, "--images-per-step", "0", "--out", "{out}/r.json"], "--images-per-step"),
-    ("eval-zero-clip", [*EV, "--clip", "0", "--out", "{out}/r.json"], "--clip must be positive"),
+    ("eval-zero-clip", [*EV, "--clip", "0", "--out", "{out}/r.json"], "argument --clip: expected a positive"),
+    ("eval-tiny-clip", [*EV, "--clip", "1e-300", "--out", "{out}/r.json"], "argument --clip: expected 1 .. 700"),
+    ("eval-huge-clip", [*EV, "--clip", "1e300", "--out", "{out}/r.json"], "argument --clip: expected 1 .. 700"),
+    ("finetune-tiny-clip", ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", "{spec}",
+                            "--clip", "0.01", "--out", "{out}/run"], "argument --clip: expected 1 .. 700"),
+    ("eval-device-empty", [*EV[:-2], "--device", "", "--out", "{out}/r.json"], "--device '' is not a torch device"),
+    ("eval-device-cpu-index", [*EV[:-2], "--device", "cpu:1", "--out", "{out}/r.json"], "no device index 1"),
     ("eval-nan-clip", [*EV, "--clip", "nan", "--out", "{out}/r.json"], "--clip"),
-    ("eval-infinite-clip", [*EV, "--clip", "inf", "--out", "{out}/r.json"], "--clip must be positive and finite"),
+    ("eval-infinite-clip", [*EV, "--clip", "inf", "--out", "{out}/r.json"], "argument --clip: expected a positive"),
     ("eval-negative-checkpoint-every", [*EV, "--checkpoint-every", "-1", "--out", "{out}/r.json"],
      "--checkpoint-every"),
     ("eval-partial-of-other-settings", [*EV, "--out", "{other_partial_out}"],
@@ -383,6 +399,16 @@ CLI_CASES = [
     ("report-folder-as-results", ["report", "{res_dir}", "--out", "{out}/rep"], "folder.json is a directory"),
     ("report-spectrum-as-results", ["report", "{spec}", "--out", "{out}/rep"], "spectrum.npz"),
     ("report-image-folder-as-run", ["report", "--runs", "{png}", "--out", "{out}/rep"], "not a run directory"),
+    ("report-run-history-not-records", ["report", "--runs", "{run_history_list}", "--out", "{out}/rep"],
+     "history.json: damaged: record 1"),
+    ("report-run-history-string-loss", ["report", "--runs", "{run_history_string_loss}", "--out", "{out}/rep"],
+     "history.json: damaged"),
+    ("report-run-history-truncated", ["report", "--runs", "{run_history_truncated}", "--out", "{out}/rep"],
+     "history.json: unreadable"),
+    ("report-run-info-without-d", ["report", "--runs", "{run_info_no_d}", "--out", "{out}/rep"],
+     "run.json: damaged: no positive integer 'd'"),
+    ("report-run-info-binary", ["report", "--runs", "{run_info_binary}", "--out", "{out}/rep"], "run.json: unreadable"),
+    ("report-run-info-list", ["report", "--runs", "{run_info_list}", "--out", "{out}/rep"], "run.json: damaged"),
     ("report-names-count", ["report", "{res}", "--names", "a,b", "--out", "{out}/rep"], "2 names for 1 results"),
     ("report-out-is-a-file", ["report", "{res}", "--out", "{text}"], "notes.txt"),
     # --- itd compare

@@ -61,6 +61,16 @@ def test_special_files_are_not_outputs(tmp_path, capsys):
     assert not fifo.is_file()
 
 
+@pytest.mark.parametrize("command", ["spectrum", "eval", "finetune"])
+def test_special_files_are_not_data(spectrum, tmp_path, capsys, command):
+    fifo = tmp_path / "d.npy"
+    os.mkfifo(fifo)
+    args = {"spectrum": ["--out", str(tmp_path / "s.npz")],
+            "eval": ["--model", "small-unet", "--spectrum", str(spectrum), "--out", str(tmp_path / "r.json")],
+            "finetune": ["--model", "small-unet", "--spectrum", str(spectrum), "--out", str(tmp_path / "run")]}
+    _fails([command, "--data", str(fifo), *args[command]], capsys, "d.npy: not a regular file or a folder")
+
+
 def test_eval_keeps_an_existing_npz_and_the_model_run_files(spectrum, tmp_path, capsys):
     (tmp_path / "stale.npz").write_bytes(b"someone's arrays")
     args = ["eval", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--points", "4",
@@ -93,3 +103,45 @@ def test_a_zip_named_npy_and_an_empty_data_argument(tmp_path, capsys):
             read(str(tmp_path / "z.npy"))
     _fails(["spectrum", "--data", str(tmp_path / "z.npy"), "--out", str(tmp_path / "s.npz")], capsys, "z.npy")
     _fails(["spectrum", "--data", "", "--out", str(tmp_path / "s.npz")], capsys, "--data is empty")
+
+
+def test_report_names_with_latex_markdown_and_mathtext_specials(tmp_path):
+    """Names are user text: they must come out literally in every file, never break one."""
+    import torch
+
+    import itdiffusion as itd
+    from itdiffusion.reporting.report import write_report
+
+    from conftest import make_mixture
+
+    mix = make_mixture(4)
+    gen = torch.Generator().manual_seed(0)
+    model = itd.ITDiffusion(mix, itd.GaussianSpectrum.from_data(mix.sample(400, gen)))
+    x = mix.sample(6, gen)
+    res = itd.evaluate(model, [x], n_points=8)
+    names = ["a$b|c&%#_{}~^\\z", r"x$\frac{$"]
+    written = write_report([res, res], tmp_path / "rep", names=names)
+    assert {p.name for p in written} >= {"table.md", "table.tex", "error_curves.png"}
+    md = (tmp_path / "rep" / "table.md").read_text()
+    assert r"| a$b\|c&%#_{}~^\z |" in md
+    tex = (tmp_path / "rep" / "table.tex").read_text()
+    assert r"a\$b\textbar{}c\&\%\#\_\{\}\textasciitilde{}\textasciicircum{}\textbackslash{}z" in tex
+    assert r"x\$\textbackslash{}frac\{\$" in tex
+
+
+def test_interrupted_eval_says_so_once(spectrum, tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM during eval: exit 130 and one line naming where the progress is."""
+    from itdiffusion.evaluation import Evaluator
+
+    def stop(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Evaluator, "run", stop)
+    out = tmp_path / "r.json"
+    capsys.readouterr()
+    code = main(["eval", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--points", "4",
+                 "--limit", "4", "--no-tune", "--out", str(out), *CPU])
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if " images x 4 calls" not in line]  # the status line printed before the run
+    assert code == 130 and len(err) == 1 and "progress saved in" in err[0] and "r.partial" in err[0], err
+    assert not out.exists()

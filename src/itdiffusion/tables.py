@@ -9,13 +9,24 @@ from dataclasses import dataclass, field
 _TEX_SPECIALS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}",  # the default font has no such glyphs
 }
 _TEX_RE = re.compile("|".join(re.escape(c) for c in _TEX_SPECIALS))
 
 
 def tex_escape(text: str) -> str:
     """``text`` with every LaTeX special character escaped (safe in a table cell or caption)."""
-    return _TEX_RE.sub(lambda m: _TEX_SPECIALS[m.group(0)], str(text))
+    return _TEX_RE.sub(lambda m: _TEX_SPECIALS[m.group(0)], " ".join(str(text).splitlines()))
+
+
+def md_escape(text: str) -> str:
+    """``text`` safe in a Markdown table cell: pipes escaped, line breaks as spaces."""
+    return " ".join(str(text).splitlines()).replace("|", "\\|")
+
+
+def literal_text(text: str) -> str:
+    """``text`` shown literally by matplotlib: a ``$`` never starts mathtext."""
+    return str(text).replace("$", "\\$")
 
 
 def number(value: float | None, digits: int = 4) -> str:
@@ -55,9 +66,9 @@ class Table:
     def to_markdown(self, title: str | None = None) -> str:
         """GitHub Markdown; ``title`` above in bold."""
         lines = [f"**{title}**", ""] if title else []
-        lines.append("| " + " | ".join(self.header) + " |")
+        lines.append("| " + " | ".join(md_escape(h) for h in self.header) + " |")
         lines.append("|" + "".join("---|" if i in self.left else "---:|" for i in range(len(self.header))))
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in self.rows]
         return "\n".join(lines) + "\n"
 
     def to_latex(self, caption: str | None = None, *, escape: bool = True) -> str:

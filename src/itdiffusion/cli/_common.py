@@ -62,12 +62,41 @@ def positive_float(text: str) -> float:
     return value
 
 
+CLIP_RANGE = (1.0, 700.0)  # logistic scales: below 1 the integral is mostly the Gaussian's; 700 is MAX_CLIP
+
+
+def clip_scales(text: str) -> float:
+    """``--clip``: a half-width in logistic scales within CLIP_RANGE."""
+    value = positive_float(text)
+    lo, hi = CLIP_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"expected {lo:g} .. {hi:g} logistic scales, got {text!r} (outside the range the error curve is taken as "
+            "the Gaussian's, so a tiny range gives the Gaussian's NLL; the default is 10, the paper used 4)")
+    return value
+
+
 def add_model_args(p) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--weights", help="weights of a registry model: a file, a diffusers folder or a Hub repo id "
                    "(the registry's schedule; a folder whose own scheduler config disagrees is refused)")
     p.add_argument("--class-label", type=int, help="class-conditional diffusers models: evaluate -log p(x | y) "
                    "at this class")
+
+
+MAX_WORKERS = 256
+
+
+def worker_count(text: str) -> int:
+    """``--workers``: 0 (decode in the main process) .. MAX_WORKERS."""
+    if text.strip() == "0":
+        return 0
+    return positive_int(text, MAX_WORKERS)
+
+
+def add_workers_arg(p) -> None:
+    p.add_argument("--workers", type=worker_count, default=0, help="DataLoader worker processes decoding image "
+                   "files ahead of use (default: 0, in the main process; the numbers do not depend on it)")
 
 
 def add_device_arg(p, distributed: bool = True) -> None:

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, add_device_arg, add_model_args, int_up_to, positive_int,
-                      seed_int)
+from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, add_device_arg, add_model_args, add_workers_arg,
+                      clip_scales, int_up_to, positive_int, seed_int)
 
 CHECKPOINT_EVERY = 300.0  # seconds between saves of partial progress
 
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-clamp", dest="clamp_dequantized", action="store_false", help="do not project the "
                    "dequantized pass's x_hat onto the grid's range widened by half a step (the published code "
                    "does not; projecting is a better denoiser and still a valid estimate)")
-    p.add_argument("--clip", type=float, help="integration half-width in logistic scales (default: the package's, "
+    p.add_argument("--clip", type=clip_scales, help="integration half-width in logistic scales (default: the package's, "
                    "10; the paper used 4)")
     p.add_argument("--placement", choices=["midpoint", "stratified"], default="midpoint", help="placement of the "
                    "shared log-SNR points: the midpoint rule of the proposal, or one stratified draw from --seed")
@@ -73,6 +73,7 @@ def _add_run_args(p) -> None:
     p.add_argument("--pilot-calls", type=positive_int, help="the pilot's budget of network calls (default: 5%% of "
                    "the evaluation's, at most the calls of 64 images)")
     add_device_arg(p)
+    add_workers_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--all", action="store_true", help="print every estimate (continuous, discrete, dequantized, "
                    "Gaussian-clamped) below the headline, each with what it measures")
@@ -95,8 +96,6 @@ def _check_args(args, out: Path) -> None:
     for path in (out, out.with_suffix(".npz")):  # the arrays beside OUT are part of it
         if path.exists() and not args.overwrite:
             raise ValueError(f"{path} exists; pass --overwrite to replace it")
-    if args.clip is not None and not 0 < args.clip < float("inf"):
-        raise ValueError(f"--clip must be positive and finite, got {args.clip}")
     if not args.checkpoint_every >= 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.resume and args.fresh:
@@ -165,7 +164,8 @@ def _setup(args, world, device):
     evaluator.pilot_report = pilot
     step = args.images_per_step or max(1, NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
     identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "dtype": args.dtype}
-    return data, loaded, evaluator, Chunks(data, step, part.start, part.stop), identity
+    chunks = Chunks(data, step, part.start, part.stop, workers=args.workers, pin_memory=device.type == "cuda")
+    return data, loaded, evaluator, chunks, identity
 
 
 def _tune(args, model, data, config) -> dict | None:
@@ -221,9 +221,12 @@ def _evaluate(args, out: Path, world, device) -> int:
     try:
         evaluator.run(batches, callback=lambda n: bar.update(n - bar.n), checkpoint=partial,
                       checkpoint_every=args.checkpoint_every, checkpoint_meta=identity)
-    except KeyboardInterrupt:
-        print(f"itd eval: stopped; progress saved in {partial}: run the same command to continue", file=sys.stderr)
-        raise
+    except KeyboardInterrupt:  # the rows done are saved: say so once, and where
+        bar.close()
+        if world.is_main:
+            print(f"itd eval: interrupted; progress saved in {partial}: run the same command to continue",
+                  file=sys.stderr)
+        return 130
     finally:
         bar.close()
         if previous is not None:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, MAX_EPOCHS, add_device_arg, add_model_args, int_up_to,
-                      positive_float, positive_int, seed_int)
+                      clip_scales, positive_float, positive_int, seed_int)
 
 RUN_INFO = "run.json"
 
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dequantize", action="store_true", help="train on x + u, u uniform over one grid step: the "
                    "objective then bounds the discrete -log P(x) (as the dequantized estimate of itd eval does); "
                    "helps on coarse grids such as digits. The paper trained on the grid values")
-    p.add_argument("--clip", type=positive_float, help="half-width of the training log-SNR range in logistic scales "
+    p.add_argument("--clip", type=clip_scales, help="half-width of the training log-SNR range in logistic scales "
                    "(default: the package's, 10; the published code used 4)")
     p.add_argument("--proposal", choices=["uniform", "logistic"], default="uniform", help="how the training "
                    "log-SNR is drawn in its range (the published code: logistic)")

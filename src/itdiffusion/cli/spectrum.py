@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ._common import DATA_HELP, positive_int, seed_int
+from ._common import DATA_HELP, add_workers_arg, positive_int, seed_int
 
 BATCH = 2048  # images per accumulation step
 
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-samples", type=positive_int, help="use this many images, drawn at random by --seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the --max-samples draw")
+    add_workers_arg(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +54,7 @@ def run(args) -> int:
 def _spectrum(args, out: Path) -> int:
     from tqdm.auto import tqdm
 
-    from ..data.stream import open_images
+    from ..data.stream import Chunks, open_images
     from ..core.spectrum import GaussianSpectrum
 
     data = open_images(args.data, "train", limit=args.max_samples, seed=args.seed)
@@ -66,7 +67,7 @@ def _spectrum(args, out: Path) -> int:
         raise ValueError(f"--dequantize needs data on a grid; {data.source} is continuous")
     added = data.grid.delta**2 / 12.0 if args.dequantize else 0.0  # the variance of u ~ U(-delta/2, delta/2)
     with tqdm(total=len(data), unit="img", desc="spectrum", dynamic_ncols=True, disable=None) as bar:
-        batches = (bar.update(len(xb)) or xb for xb in data.chunks(BATCH))  # one streaming pass
+        batches = (bar.update(len(xb)) or xb for xb in Chunks(data, BATCH, workers=args.workers))  # one streaming pass
         spectrum = GaussianSpectrum.from_batches(batches, diagonal=args.diagonal, added_variance=added)
     spectrum.save(out)
     eigs = spectrum.log_eigs.exp()

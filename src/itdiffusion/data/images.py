@@ -152,6 +152,8 @@ def load_data(spec: str, split: str = "train", *, limit: int | None = None, seed
     path = Path(spec).expanduser()
     if not path.exists():
         raise ValueError(f"{spec}: no such file or folder, and not a built-in set ({', '.join(BUILTIN_SETS)})")
+    if not (path.is_file() or path.is_dir()):
+        raise ValueError(f"{spec}: not a regular file or a folder (a FIFO, socket or device); give a file or folder")
     if path.is_file():
         if path.suffix.lower() == ".npy":
             return read_npy(path).sample(limit, seed)

@@ -112,20 +112,58 @@ class ImageSource(torch.utils.data.Dataset):
         return self if indices is None else self.subset(indices)
 
 
+class _IndexedReads(torch.utils.data.Dataset):
+    """Item ``k``: the rows ``index_lists[k]`` of a source, decoded in one call."""
+
+    def __init__(self, source: ImageSource, index_lists: Sequence[np.ndarray]):
+        self.source, self.index_lists = source, index_lists
+
+    def __len__(self) -> int:
+        return len(self.index_lists)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.source._read(np.asarray(self.index_lists[k], dtype=np.int64))
+
+
+def read_ahead(source: ImageSource, index_lists: Sequence[np.ndarray], *, workers: int = 0,
+               pin_memory: bool = False) -> Iterator[torch.Tensor]:
+    """The rows ``index_lists[k]`` of ``source`` for k = 0, 1, ... in order.
+
+    With ``workers > 0`` a ``DataLoader`` decodes them in that many worker processes, ahead of
+    use (two chunks per worker); ``pin_memory`` pins each chunk for a fast copy to a GPU.  The
+    values are the same whatever ``workers`` is.
+    """
+    if workers <= 0 and not pin_memory:
+        for indices in index_lists:
+            yield source._read(np.asarray(indices, dtype=np.int64))
+        return
+    loader = torch.utils.data.DataLoader(_IndexedReads(source, index_lists), batch_size=None, shuffle=False,
+                                         num_workers=max(0, int(workers)), pin_memory=pin_memory,
+                                         prefetch_factor=2 if workers > 0 else None)
+    yield from loader
+
+
 class Chunks:
     """Images ``start .. stop - 1`` of a source, ``size`` at a time: iterable again and again,
-    each pass decoding afresh; ``n_images`` without decoding anything."""
+    each pass decoding afresh (in ``workers`` processes when > 0, see :func:`read_ahead`);
+    ``n_images`` without decoding anything."""
 
-    def __init__(self, source: ImageSource, size: int, start: int = 0, stop: int | None = None):
+    def __init__(self, source: ImageSource, size: int, start: int = 0, stop: int | None = None, *,
+                 workers: int = 0, pin_memory: bool = False):
         self.source, self.size, self.start = source, int(size), int(start)
         self.stop = len(source) if stop is None else min(int(stop), len(source))
+        self.workers, self.pin_memory = int(workers), bool(pin_memory)
 
     @property
     def n_images(self) -> int:
         return max(0, self.stop - self.start)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return self.source.chunks(self.size, self.start, self.stop)
+        if self.workers <= 0 and not self.pin_memory:
+            return self.source.chunks(self.size, self.start, self.stop)
+        starts = range(self.start, self.stop, self.size)
+        return read_ahead(self.source, [np.arange(lo, min(lo + self.size, self.stop)) for lo in starts],
+                          workers=self.workers, pin_memory=self.pin_memory)
 
 
 def from_data(data: "_img.ImageData") -> ImageSource:

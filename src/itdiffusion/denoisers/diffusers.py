@@ -228,14 +228,10 @@ def load_unet(path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = Non
 
 
 def _load_local_unet(model_dir: Path):
-    from .hub import require_diffusers
+    """The folder's UNet2DModel, strictly (:func:`itdiffusion.denoisers.unet_files.load_unet_folder`)."""
+    from .unet_files import load_unet_folder
 
-    diffusers = require_diffusers()
-    name = read_json(model_dir / "config.json").get("_class_name", "UNet2DModel")
-    if name != "UNet2DModel":
-        raise ValueError(f"{model_dir}: a {name}; only UNet2DModel networks (unconditional or class-conditional) "
-                         "are supported")
-    return diffusers.UNet2DModel.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    return load_unet_folder(model_dir)
 
 
 def read_json(path: Path) -> dict:

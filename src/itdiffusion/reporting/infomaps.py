@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..tables import literal_text
 from .plots import _plt, save_figure
 
 MAX_ROWS = 8
@@ -53,19 +54,19 @@ def plot_maps(images: np.ndarray, maps: np.ndarray, path, *, unit: str = "bits/d
     shown = None
     for r in range(n):
         _show_image(axes[r, 0], images[r])
-        axes[r, 0].set_ylabel(row_titles[r] if row_titles is not None else f"#{r}", fontsize=8)
+        axes[r, 0].set_ylabel(literal_text(row_titles[r]) if row_titles is not None else f"#{r}", fontsize=8)
         for c in range(panels.shape[1]):
             shown = axes[r, c + 1].imshow(panels[r, c], cmap=cmap, vmin=lo, vmax=hi)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
     for c, name in enumerate(["image"] + names):
-        axes[0, c].set_title(name, fontsize=8)
+        axes[0, c].set_title(literal_text(name), fontsize=8)
     bar = fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.9, pad=0.03, extend=extend)
     bar.set_label(unit, fontsize=8)
     bar.ax.tick_params(labelsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(literal_text(title), fontsize=9)
     save_figure(fig, path)
 
 
@@ -80,11 +81,11 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path, title: str 
             if matrix[i, j]:
                 color = "white" if matrix[i, j] > 0.6 * matrix.max() else "black"
                 ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7, color=color)
-    ax.set_xticks(range(k), classes, fontsize=7)
-    ax.set_yticks(range(k), classes, fontsize=7)
+    ax.set_xticks(range(k), [literal_text(c) for c in classes], fontsize=7)
+    ax.set_yticks(range(k), [literal_text(c) for c in classes], fontsize=7)
     ax.set_xlabel("predicted", fontsize=8)
     ax.set_ylabel("true", fontsize=8)
     fig.colorbar(shown, ax=ax, shrink=0.8)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(literal_text(title), fontsize=9)
     save_figure(fig, path)

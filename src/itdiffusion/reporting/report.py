@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import fileio as _io
 from ..core.units import bpd
 from ..results import Results, ensemble
-from ..tables import Table, tex_escape, with_se
+from ..tables import Table, literal_text, tex_escape, with_se
 
 COLUMNS = (("continuous", "Continuous"), ("discrete", "Discrete"), ("dequantized_discrete", "Dequantized"))
 FIGURE_FORMATS = ("png", "pdf")
@@ -44,12 +44,14 @@ class RunHistory:
         history = folder / "history.json"
         if not history.is_file():
             raise ValueError(f"{folder}: not a run directory (no history.json)")
-        records = _read_json(history)
+        records = _check_records(_read_json(history), history)
         info_path = folder / "run.json"
         if info_path.is_file():
             info = _read_json(info_path)
-            return cls(str(info.get("label", folder.name)), int(info["d"]), str(info.get("test_metric", "test")),
-                       records)
+            d = info.get("d") if isinstance(info, dict) else None
+            if not (isinstance(d, int) and not isinstance(d, bool) and d > 0):
+                raise ValueError(f"{info_path}: damaged: no positive integer 'd' (dimensions) in it")
+            return cls(str(info.get("label", folder.name)), d, str(info.get("test_metric", "test")), records)
         return cls(folder.name, _d_from_checkpoint(folder), "continuous", records)
 
     def curves(self) -> dict:
@@ -61,9 +63,28 @@ class RunHistory:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(_io.read_bytes(path, _io.JSON_LIMIT).decode("utf-8"))
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: unreadable ({err})") from None
+
+
+def _is_number(value, optional: bool = False) -> bool:
+    if value is None:
+        return optional
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_records(records, path: Path) -> list[dict]:
+    """``history.json``'s per-epoch records, each with an integer epoch and numeric losses."""
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: damaged: expected a list of per-epoch records, got {type(records).__name__}")
+    for i, r in enumerate(records):
+        ok = (isinstance(r, dict) and isinstance(r.get("epoch"), int) and _is_number(r.get("train_loss"))
+              and _is_number(r.get("val_nll"), optional=True))
+        if not ok:
+            raise ValueError(f"{path}: damaged: record {i + 1} lacks an integer 'epoch', a numeric 'train_loss' "
+                             "or a numeric (or null) 'val_nll'")
+    return records
 
 
 def _d_from_checkpoint(folder: Path) -> int:
@@ -185,12 +206,12 @@ def write_report(results: list[Results], out, *, names: list[str] | None = None,
                                                     "data_warning": mixed,
                                                     "caption": CAPTION})
         written.append(out / "summary.json")
-        written += _figures(results, labels, out, formats)
+        written += _figures(results, [literal_text(label) for label in labels], out, formats)
     if runs:
         from .plots import plot_loss_curves
 
         paths = [out / f"loss_curves.{f}" for f in formats]
-        plot_loss_curves([r.curves() for r in runs], paths)
+        plot_loss_curves([{**r.curves(), "label": literal_text(r.label)} for r in runs], paths)
         written += paths
     return written
 

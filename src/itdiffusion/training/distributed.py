@@ -52,7 +52,7 @@ def device_for(world: World, requested: str | None = None) -> torch.device:
 
     With several processes on CUDA each takes ``cuda:LOCAL_RANK``.
     """
-    kind = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if requested is None else requested
     device = check_device(kind)
     if device.type == "cuda" and device.index is None and world.distributed:
         device = torch.device("cuda", world.local_rank)
@@ -64,9 +64,11 @@ def device_for(world: World, requested: str | None = None) -> torch.device:
 def check_device(name: str) -> torch.device:
     """``torch.device(name)`` if this machine can compute on it; ``ValueError`` naming ``--device`` otherwise."""
     try:
-        device = torch.device(name)
+        device = torch.device(str(name).strip())
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:0 or mps)") from None
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"--device {name}: the CPU has no device index {device.index} (use --device cpu)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: this PyTorch build or machine has no CUDA GPU (use --device cpu)")
