@@ -148,7 +148,7 @@ def test_killed_eval_resumes_with_the_same_command(pipeline, capsys):
     assert 0 < n_saved < 40
     capsys.readouterr()
     assert main(args) == 0  # the same command again
-    assert f"resuming after {n_saved} images" in capsys.readouterr().out
+    assert f"resuming after {n_saved} images" in capsys.readouterr().err  # the status line, on stderr
     assert out.exists() and not partial.exists()
     reference = root / "uninterrupted.json"
     assert main(args[:6] + [str(reference)] + args[7:]) == 0

@@ -100,39 +100,51 @@ def test_links_and_scripts_of_every_page_exist(page):
         assert (ROOT / script).exists(), f"{page.name}: {script} does not exist"
 
 
-# Small budgets added to the commands that run on the built-in digits, so that they finish in seconds.
-_BUDGET = {"eval": ["--points", "8", "--limit", "6", "--no-tune", "--quiet", "--device", "cpu"],
-           "finetune": ["--epochs", "1", "--limit", "64", "--test-examples", "8", "--test-points", "4", "--quiet",
-                        "--device", "cpu"]}
+# Small budgets for the commands that run on the built-in digits, so that they finish in seconds: each replaces
+# the page's own value of the option (a None value: a flag added).
+_BUDGET = {
+    "eval": {"--points": "8", "--limit": "6", "--no-tune": None, "--quiet": None, "--device": "cpu"},
+    "finetune": {"--epochs": "1", "--limit": "64", "--quiet": None, "--device": "cpu"},
+    "finetune --test-data": {"--test-examples": "8", "--test-points": "4"},
+    "demo": {"--quick": None, "--quiet": None},
+}
 
 
 def _with_budget(argv: list[str]) -> list[str]:
-    extra = _BUDGET.get(argv[0], [])
-    names = {a for a in extra if a.startswith("--")}
+    budget = dict(_BUDGET.get(argv[0], {}))
+    if argv[0] == "finetune" and "--test-data" in argv:
+        budget.update(_BUDGET["finetune --test-data"])
     kept, skip = [], False
-    for i, arg in enumerate(argv):  # the budget replaces the page's own values of the same options
+    for i, arg in enumerate(argv):
         if skip:
             skip = False
-            continue
-        if arg in names:
+        elif arg in budget:  # drop the page's value; the budget's is appended
             skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            continue
-        kept.append(arg)
-    if argv[0] == "finetune" and "--test-data" not in argv:
-        extra = [a for a in extra if not a.startswith("--test") and a not in ("8", "4")]
-    return kept + extra
+        else:
+            kept.append(arg)
+    for option, value in budget.items():
+        kept += [option] if value is None else [option, value]
+    return kept
+
+
+def _runs_on_digits(command: str) -> bool:
+    """On the built-in digits (not a user's folder), or a report of such results."""
+    words = command.split()
+    return "my-ddpm" not in words and ("digits" in words or (words[1] == "report" and "digits" in command))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if any("digits" in c for c in _commands(p))], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [p for p in PAGES if any(_runs_on_digits(c) for c in _commands(p))],
+                         ids=lambda p: p.name)
 def test_the_digits_commands_of_every_page_run_in_order(page, tmp_path, monkeypatch):
     """Each page's commands on the built-in digits, in the page's order, in one folder (a small budget added);
-    the README's own-model commands are run by test_model_folders.py on a diffusers folder."""
+    the README's own-model commands on a diffusers folder are run by test_model_folders.py."""
     from itdiffusion.cli import main
 
     monkeypatch.chdir(tmp_path)
-    commands = [c for c in _commands(page) if "digits" in c.split() and "my-ddpm" not in c]
-    assert commands
+    commands = [c for c in _commands(page) if _runs_on_digits(c)]
+    if not any(c.startswith("itd spectrum") for c in commands):  # the spectrum another page computed
+        assert main(["spectrum", "--data", "digits", "--dequantize", "--out", "digits-spectrum.npz"]) == 0
     for command in commands:
         argv = _with_budget(shlex.split(command)[1:])
         assert main(argv) == 0, f"{page.name}: {' '.join(argv)}"
