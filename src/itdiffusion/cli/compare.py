@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--components", type=int, default=5, help=f"components of the {GMM} mixture")
     p.add_argument("--mixture-seed", type=int, default=0, help=f"seed that defines the {GMM} mixture")
     p.add_argument("--spectrum", help="GaussianSpectrum .npz of the data (default: computed from the data)")
-    p.add_argument("--points", "--n-points", dest="n_points", type=int, default=256,
+    p.add_argument("--points", "--n-points", dest="n_points", metavar="POINTS", type=int, default=256,
                    help="IT and continuous-time bound: calls per example (--points as in itd eval; --n-points is "
                         "the older name)")
     p.add_argument("--vlb-steps", type=int, default=None,
