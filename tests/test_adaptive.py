@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import itdiffusion as itd
-from itdiffusion.core.adaptive import (PiecewiseProposal, RoundingMap, cell_masses, choose_rounding, fit_proposal,
-                                       predicted_variance)
+from itdiffusion.core.adaptive import (PiecewiseProposal, PilotValues, RoundingMap, cell_masses, candidates, choose_proposal,
+                                       choose_rounding, predicted_variance, stratified_variance)
 from itdiffusion.core.analytic import FullGaussianMixture, ProductDiscrete
 from itdiffusion.core.errors import Errors
 from itdiffusion.core.proposal import LogisticProposal, fractions, quadrature
@@ -56,28 +56,56 @@ def test_weights_integrate_a_known_function_without_bias():
         assert abs(est.mean().item() - exact) < 4 * est.std().item() / 20 + 1e-12, placement
 
 
-def _gaussian_error_pilot(log_eigs, base, n, seed):
-    """Pilot values of a Gaussian's own error at draws from ``base``: ``sum_i mmse_i(a) chi2_1``."""
+def _noise_pilot(std, base, n_examples, k, seed):
+    """Pilot values (two groups of four calls at ``k`` stratified points per example) of a
+    curve-free integrand: independent noise of standard deviation ``std(a)`` at every call."""
     gen = torch.Generator().manual_seed(seed)
-    a, _ = base.quantile(torch.rand(n, generator=gen, dtype=torch.float64))
-    mmse = torch.sigmoid(a[:, None] + log_eigs)
-    return a, (mmse * torch.randn(n, len(log_eigs), generator=gen, dtype=torch.float64) ** 2).sum(1)
+    frac = fractions(k, "stratified", torch.rand(n_examples, k, generator=gen, dtype=torch.float64))
+    a, _ = base.quantile(frac)
+    f = std(a)[..., None, None] * torch.randn(n_examples, k, 2, 4, generator=gen, dtype=torch.float64)
+    return PilotValues.from_calls(a, f)
 
 
 def test_fit_on_a_gaussian_recovers_a_near_optimal_proposal():
+    # the noise of a Gaussian's own error, sum_i mmse_i(a) (chi2_1 - 1): variance 2 sum_i mmse_i^2
     log_eigs = torch.linspace(-9.0, 0.0, 16, dtype=torch.float64)
     base = LogisticProposal(4.5, 2.0, 6.0)
-    a, f = _gaussian_error_pilot(log_eigs, base, 8000, 0)
-    fitted, info = fit_proposal(a, f, base, generator=torch.Generator().manual_seed(1))
-    edges = torch.tensor(fitted.edges, dtype=torch.float64)
+    var = lambda a: 2 * (torch.sigmoid(a[..., None] + log_eigs) ** 2).sum(-1)  # noqa: E731
+    pilot = _noise_pilot(lambda a: var(a).sqrt(), base, 64, 32, 0)
+    edges = torch.linspace(base.lo, base.hi, 257, dtype=torch.float64)
     centres, width = 0.5 * (edges[1:] + edges[:-1]), edges[1:] - edges[:-1]
-    mmse = torch.sigmoid(centres[:, None] + log_eigs)
-    second = mmse.sum(1) ** 2 + 2 * (mmse**2).sum(1)  # E f^2 in closed form
-    optimum = ((second.sqrt() * width).sum() ** 2).item()  # Int E f^2 / q at q ~ sqrt(E f^2)
-    default = PiecewiseProposal(fitted.edges, cell_masses(base, edges).tolist())
-    got, was = predicted_variance(fitted, centres, second, 1), predicted_variance(default, centres, second, 1)
-    assert got < 1.05 * optimum < was
-    assert info["mix"] < 1.0
+    optimum = ((var(centres).sqrt() * width).sum() ** 2).item()  # Int v / q at q ~ sqrt(v), one point
+    default = PiecewiseProposal(edges.tolist(), cell_masses(base, edges).tolist())
+    fitted = candidates(base, pilot, "points", edges, (base.hi - base.lo) / 20)[0.05]
+    got, was = predicted_variance(fitted, centres, var(centres), 1), predicted_variance(default, centres, var(centres), 1)
+    assert got < 1.1 * optimum < was
+    proposal, antithetic, info = choose_proposal(base, pilot, 128, True, generator=torch.Generator().manual_seed(1))
+    assert proposal is not None and info["mix"] < 1.0
+
+
+def test_default_kept_when_it_is_already_the_noise_optimal_proposal():
+    # noise ~ q0 (the default's density): sqrt(v) ~ q0, so no fit predicts a gain
+    base = LogisticProposal(0.0, 1.5, 8.0)
+    pilot = _noise_pilot(lambda a: 1.0 / base.inverse_density(a), base, 64, 16, 2)
+    proposal, antithetic, info = choose_proposal(base, pilot, 64, True, generator=torch.Generator().manual_seed(3))
+    assert proposal is None and antithetic and info["mix"] == 1.0
+
+
+def test_predicted_stratified_variance_matches_the_closed_form():
+    # f(a) = h(a) + noise: stratified variance 1/n Int v/q + 1/(12 n^3) Int h'^2 / q^3 (large n)
+    base = LogisticProposal(0.0, 1.0, 4.0)
+    edges = torch.linspace(base.lo, base.hi, 257, dtype=torch.float64)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    prop = PiecewiseProposal(edges.tolist(), cell_masses(base, edges).tolist())
+    n, v = 64, torch.full_like(centres, 0.3)
+    slope = torch.sigmoid(centres) ** 2 * torch.sigmoid(-centres) ** 2  # h = sigmoid: h'^2
+    pred = stratified_variance(prop, centres, v, slope, n)
+    gen = torch.Generator().manual_seed(4)
+    draws = torch.rand(20000, n, generator=gen, dtype=torch.float64)
+    quad = quadrature(prop, n, "stratified", draws)
+    f = torch.sigmoid(quad.logsnr) + 0.3**0.5 * torch.randn(quad.logsnr.shape, generator=gen, dtype=torch.float64)
+    est = quad.integrate(f)
+    assert abs(est.var().item() / pred - 1) < 0.05
 
 
 # ============================================================================ the rounding choice

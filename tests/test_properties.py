@@ -46,6 +46,8 @@ FLAGS = [
     ("finetune", "--epochs", _integer(1, 10**6)),
     ("finetune", "--lr", lambda v: 0 < float(v) < math.inf),
     ("finetune", "--clip", lambda v: 1 <= float(v) <= 700),
+    ("finetune", "--ema", lambda v: 0 < float(v) < 1),
+    ("finetune", "--grad-accum", _integer(1, 2**24)),
 ]
 
 

@@ -287,7 +287,7 @@ class Evaluator:
         if self.paper is not None:
             return {}
         fit = self.model.tuning
-        used = fit is not None and self.estimator.proposal == fit.proposal
+        used = fit is not None and self.estimator.proposal == self.model.tuned_proposal(fit, self.clip)
         return {"tuning": fit.identity() if used else None, "rounding": self.estimator.rounding}
 
     def _config_dict(self) -> dict:

@@ -161,6 +161,11 @@ class ITDiffusion(nn.Module):
             setattr(self, name, value.to(device))
         return self
 
+    def tuned_proposal(self, fit: "_tuning.Tuning | None", clip: float | None = None):
+        """The log-SNR proposal of the fit ``fit``: its fitted one, else (``None``, or a fit that
+        kept the default) the logistic proposal at ``clip``."""
+        return fit.proposal if fit is not None and fit.proposal is not None else self.logsnr_proposal(clip)
+
     def discrete_split(self, clip: float | None = None) -> float:
         """Log-SNR above which the discrete estimator drops the Gaussian control variate."""
         lo, hi = self.logsnr_range(clip)
@@ -248,7 +253,7 @@ class ITDiffusion(nn.Module):
             rounding = "auto" if fit is not None and discrete is not None and fit.rounding is not None else "hard"
         if antithetic is None:
             antithetic = fit.antithetic if fit is not None else default_antithetic(discrete)
-        proposal = fit.proposal if fit is not None else self.logsnr_proposal(clip)
+        proposal = self.tuned_proposal(fit, clip)
         return Estimator(
             proposal=proposal, sampling=Sampling(n_points, bool(antithetic), placement),
             discrete=discrete, rounding=rounding, clamp=clamp, split=self.discrete_split(clip), batch_size=batch_size,

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, add_device_arg, add_model_args, add_workers_arg,
+from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, add_device_arg, add_model_args,
                       clip_scales, int_up_to, positive_int, seed_int)
 
 CHECKPOINT_EVERY = 300.0  # seconds between saves of partial progress
@@ -72,8 +72,7 @@ def _add_run_args(p) -> None:
     p.add_argument("--pilot-data", help="pilot images for tuning (default: the training split of --data)")
     p.add_argument("--pilot-calls", type=positive_int, help="the pilot's budget of network calls (default: 5%% of "
                    "the evaluation's, at most the calls of 64 images)")
-    add_device_arg(p)
-    add_workers_arg(p)
+    add_device_arg(p, workers=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--all", action="store_true", help="print every estimate (continuous, discrete, dequantized, "
                    "Gaussian-clamped) below the headline, each with what it measures")
