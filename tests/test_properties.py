@@ -44,7 +44,7 @@ FLAGS = [
     ("eval", "--clip", lambda v: 1 <= float(v) <= 700),
     ("eval", "--limit", _integer(1, 10**9)),
     ("finetune", "--epochs", _integer(1, 10**6)),
-    ("finetune", "--lr", lambda v: 0 < float(v) < math.inf),
+    ("finetune", "--lr", lambda v: 0 < float(v) <= 1),
     ("finetune", "--clip", lambda v: 1 <= float(v) <= 700),
     ("finetune", "--ema", lambda v: 0 < float(v) < 1),
     ("finetune", "--grad-accum", _integer(1, 2**24)),

@@ -133,6 +133,35 @@ class OutputLock:
         self.release()
 
 
+class OutputLocks:
+    """:class:`OutputLock` on each of several outputs (in a fixed order, so two runs cannot deadlock),
+    all or none: a run that writes ``R.json`` and ``R.npz`` holds both."""
+
+    def __init__(self, paths, flag: str = "--out"):
+        self.locks = [OutputLock(p, flag) for p in sorted({Path(p) for p in paths}, key=str)]
+
+    def acquire(self) -> "OutputLocks":
+        held = []
+        try:
+            for lock in self.locks:
+                held.append(lock.acquire())
+        except BaseException:
+            for lock in held:
+                lock.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+    def __enter__(self) -> "OutputLocks":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         return os.fstat(fd).st_ino == os.stat(path).st_ino

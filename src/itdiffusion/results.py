@@ -236,6 +236,9 @@ class Results:
         Both are written atomically and carry no pickle.
         """
         path = Path(path)
+        if path.suffix.lower() == ".npz":
+            raise ValueError(f"{path}: give the results' .json name; the arrays go beside it in "
+                             f"{path.with_suffix('.npz').name}")
         arrays = {"logsnr": self.logsnr, "weights": self.weights}
         arrays.update({f"curve/{k}": v for k, v in self.curves.items()})
         for name, term in self.terms.items():

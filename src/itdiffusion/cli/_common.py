@@ -95,6 +95,15 @@ def add_model_args(p) -> None:
                    "at this class")
 
 
+def learning_rate(text: str) -> float:
+    """``--lr``: in (0, 1]; Adam's steps are about the learning rate in size, so above 1 weights blow up."""
+    value = positive_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1], got {text!r} (Adam moves every "
+                                         "weight by about the learning rate per step: above 1 training diverges)")
+    return value
+
+
 MAX_WORKERS = 256
 
 

@@ -243,11 +243,11 @@ def _check_numbers(args) -> None:
 
 def _guard_outputs(args):
     """Refuse an --out (or the Markdown beside it) that would replace an input; hold its lock."""
-    from ..guard import OutputLock, check_outputs
+    from ..guard import OutputLocks, check_outputs
 
     out = Path(args.out)
     check_outputs([out, out.with_suffix(".md")], [args.data, args.model, args.weights, args.spectrum])
     for path in (out, out.with_suffix(".md")):
         if path.exists() and not args.overwrite:
             raise ValueError(f"{path} exists; pass --overwrite to replace it")
-    return OutputLock(out).acquire()
+    return OutputLocks([out, out.with_suffix(".md")]).acquire()

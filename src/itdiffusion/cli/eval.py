@@ -124,9 +124,9 @@ def run(args) -> int:
 
 def _guard_outputs(args, out: Path):
     """Hold the output lock (the outputs were checked against the inputs by ``_check_args``)."""
-    from ..guard import OutputLock
+    from ..guard import OutputLocks
 
-    return OutputLock(out).acquire()
+    return OutputLocks([out, out.with_suffix(".npz")]).acquire()
 
 
 def _setup(args, world, device):

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, MAX_EPOCHS, add_device_arg, add_model_args,
-                      clip_scales, int_up_to, positive_float, positive_int, seed_int, unit_fraction)
+                      clip_scales, int_up_to, learning_rate, positive_float, positive_int, seed_int, unit_fraction)
 
 RUN_INFO = "run.json"
 
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--spectrum", required=True, help="spectrum .npz of the training data (itd spectrum)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--epochs", type=int_up_to(MAX_EPOCHS), default=10, help="total epochs (including resumed ones)")
-    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--lr", type=learning_rate, default=1e-4, help="Adam learning rate (at most 1)")
     p.add_argument("--batch-size", type=int_up_to(MAX_BATCH), default=64, help="images per forward pass (over all "
                    "processes); an optimizer step takes --grad-accum passes")
     p.add_argument("--grad-accum", type=int_up_to(MAX_BATCH), default=1, help="accumulate the gradients of this many "
