@@ -148,7 +148,7 @@ def test_killed_eval_resumes_with_the_same_command(pipeline, capsys):
     assert 0 < n_saved < 40
     capsys.readouterr()
     assert main(args) == 0  # the same command again
-    assert f"resuming after {n_saved} images" in capsys.readouterr().out
+    assert f"resuming after {n_saved} images" in capsys.readouterr().err  # the status line, on stderr
     assert out.exists() and not partial.exists()
     reference = root / "uninterrupted.json"
     assert main(args[:6] + [str(reference)] + args[7:]) == 0
@@ -270,7 +270,7 @@ def test_two_process_finetune_writes_one_run_equal_to_one_process(pipeline, tmp_
     gradient all-reduce): the losses agree to ~1e-9, the weights to ~1e-7 in relative norm, but
     single weights can differ by up to ~10% of one Adam step (Adam divides by the root of the
     squared gradients, which amplifies rounding where a gradient nearly cancels), so the runs
-    are not bit-identical (see README, Guarantees).
+    are not bit-identical (see docs/guarantees.md, Determinism).
     """
     spectrum = pipeline["spectrum"]
     args = ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--epochs", "2",

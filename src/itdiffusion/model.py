@@ -27,7 +27,7 @@ DEFAULT_TRAIN_CLIP = 10.0  # same, for the stochastic training objective
 def default_antithetic(discrete: DiscreteGrid | None) -> bool:
     """Whether to group calls antithetically by default.
 
-    Measured with exact denoisers (``benchmarks/estimator.py`` and the notes in the README):
+    Measured with exact denoisers (``benchmarks/estimator.py`` and docs/estimator.md):
     for continuous data the noise dominates the variance and antithetic groups cut the
     per-sample RMSE 2-3x at d >= 64; for discrete data the sharp drop of the error curve
     dominates, and four times as many distinct log-SNR points is better (RMSE ~2x lower).

@@ -119,12 +119,12 @@ def add_workers_arg(p) -> None:
                    "files ahead of use (default: 0, in the main process; the numbers do not depend on it)")
 
 
-def add_device_arg(p, workers: bool = False) -> None:
-    """``--device`` (and ``--workers`` when ``workers``)."""
+def add_device_arg(p, workers: bool = False, distributed: bool = True) -> None:
+    """``--device`` (and ``--workers`` when ``workers``; ``distributed``: the help mentions torchrun)."""
     if workers:
         add_workers_arg(p)
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu; "
-                   "under torchrun each process takes cuda:LOCAL_RANK)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu"
+                   + ("; under torchrun each process takes cuda:LOCAL_RANK)" if distributed else ")"))
 
 
 def start_world(args):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 
 def add_parser(sub) -> None:
@@ -52,7 +54,14 @@ def run(args) -> int:
     paper = _paper_layout(args, results, names) if args.layout == "paper" else None  # checked before writing
     if paper is None and args.bounds:
         raise ValueError("--bounds is for --layout paper")
-    with OutputLock(args.out):
+    from ..reporting.report import mixed_data_warning, unique_labels
+
+    if results:  # on stderr before the table: rows on different image sets are not comparable
+        mixed = mixed_data_warning(results, unique_labels(results, names))
+        if mixed:
+            print(f"itd report: {mixed}", file=sys.stderr)
+    with OutputLock(args.out), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # printed above
         written = write_report(results, args.out, names=names, runs=runs)
         if paper is not None:
             written += _write_paper(args.out, paper)
