@@ -46,6 +46,7 @@ from .. import fileio as _io
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .distributed import World, all_sum, barrier
 from .ema import EMA, check_decay
+from .reads import batch_reads, read_batch as _read_batch  # noqa: F401 (tests reach _read_batch here)
 from .runlog import RunLog
 from ..core.grid import DiscreteGrid
 from ..model import ITDiffusion
@@ -290,12 +291,6 @@ def _check_train_data(model: ITDiffusion, x_train) -> None:
                          f"do not fit a model of examples of shape {tuple(model.shape)}")
 
 
-def _read_batch(x_train, indices: torch.Tensor) -> torch.Tensor:
-    """Rows ``indices`` of the training data; rows read on demand are checked as they arrive."""
-    x = x_train[indices]
-    return x if isinstance(x_train, torch.Tensor) else _checked(x)
-
-
 def _epoch_batches(n: int, config: TrainConfig, epoch: int, world: World) -> list[torch.Tensor]:
     """Every step's batch of the epoch (the same permutation on every process), ``grad_accum`` passes each."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch)))
@@ -320,7 +315,7 @@ def _run_epoch(loop: _Loop, epoch: int, log: RunLog | None) -> float:
     reduce_on = device if device.type == "cuda" else "cpu"
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 2 + _RANK_STRIDE * world.rank)  # dropout, inside the fork only
-        for step, (batch, x) in enumerate(zip(batches, _batch_reads(loop, batches))):
+        for step, (batch, x) in enumerate(zip(batches, batch_reads(loop.x_train, batches, loop.world, loop.device, loop.workers))):
             index = (epoch - 1) * len(batches) + step
             lr = _set_lr(loop.optimizer, config, index, config.epochs * len(batches))
             step_sum, rows = _step(loop, batch, x, gen, epoch, step)
@@ -334,24 +329,6 @@ def _run_epoch(loop: _Loop, epoch: int, log: RunLog | None) -> float:
     bar.close()
     total, count = all_sum([total, count], world, reduce_on)
     return total / count
-
-
-def _batch_reads(loop: _Loop, batches: list[torch.Tensor]):
-    """This process's rows of every batch, in order (decoded ahead by workers for a source read on demand)."""
-    rows = slice(loop.world.rank, None, loop.world.size)
-    if loop.workers <= 0 or isinstance(loop.x_train, torch.Tensor):
-        return (_read_batch(loop.x_train, batch[rows]) for batch in batches)
-    from ..data.stream import read_ahead
-
-    reads = read_ahead(loop.x_train, [batch[rows].numpy() for batch in batches], workers=loop.workers,
-                       pin_memory=loop.device.type == "cuda")
-    return (_checked(x) for x in reads)
-
-
-def _checked(x: torch.Tensor) -> torch.Tensor:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("training data contain NaN or Inf")
-    return x
 
 
 def _step(loop: _Loop, batch: torch.Tensor, x: torch.Tensor, gen: torch.Generator, epoch: int,
