@@ -79,7 +79,7 @@ def test_classify(files, capsys):
 def test_refusals(files, capsys):
     args = [a for a in common(files) if a not in ("--null-label", "10")]
     assert main(["mi", *args, "--out", str(files / "mi2.png")]) == 2  # no null label: y=None refused
-    assert "class_labels" in capsys.readouterr().err
+    assert "--null-label" in capsys.readouterr().err
     assert main(["classify", *common(files), "--out", str(files / "x.png")]) == 2
     assert "must name a .json" in capsys.readouterr().err
     assert main(["classify", *common(files)[:2], "--data", str(files), "--spectrum", str(files / "spectrum.npz"),

@@ -3,9 +3,17 @@ objective on digits, its information maps, its pointwise mutual information with
 zero-shot accuracy, beside the exact Bayes classifier of a class-conditional Gaussian mixture.
 
 The network is the package's :class:`~itdiffusion.denoisers.nets.SmallUNet` with a label
-embedding added to its log-SNR embedding (:class:`LabelledUNet`), correcting the Gaussian
-denoiser (as the unconditional demo).  Labels are dropped to a null label ``10`` for 15% of the
-training examples, so ``y=None`` (the null label) is the unconditional model of the same network.
+embedding added to its log-SNR embedding (:class:`LabelledUNet`), correcting the exact
+denoiser of a class-conditional Gaussian mixture fitted to the training digits (one isotropic
+Gaussian per class, :func:`fit_class_mixture`): with a label, that class's Gaussian; with the
+null label, the whole mixture, so the conditional and unconditional curves start as a
+consistent pair (the unconditional demo corrects the Gaussian denoiser the same way).  Labels
+are dropped to a null label ``10`` for 15% of the training examples, so ``y=None`` (the null
+label) is the unconditional model of the same network.
+
+Correcting the unconditional Gaussian instead (as before) left the label unused: after 30
+epochs the network's i(x; y) was 0.00 +- 0.00 nats and its zero-shot accuracy 7.7%, since the
+label embedding (zero at the start) barely moved in the few hundred steps of the demo.
 """
 
 from __future__ import annotations
@@ -54,17 +62,30 @@ class LabelledUNet(SmallUNet):
 
 
 class ConditionalResidual(nn.Module):
-    """``eps_hat = eps_gauss(z, a) + net(z, a, y)``: the Gaussian denoiser corrected by a conditional net."""
+    """``eps_hat = base(z, a, y) + net(z, a, y)``: a class-conditional exact denoiser (a
+    :class:`~itdiffusion.core.analytic_conditional.ClassMixture`) corrected by a conditional net.
+
+    The null label ``base.n_classes`` (or ``y=None``) asks the base for its unconditional denoiser.
+    """
 
     conditional = True
 
-    def __init__(self, net: nn.Module, spectrum: GaussianSpectrum):
+    def __init__(self, net: nn.Module, base: ClassMixture):
         super().__init__()
-        self.net = net
-        self.gauss = spectrum
+        self.net, self.base = net, base
+
+    def _base(self, z, logsnr, y):
+        if y is None:
+            return self.base(z, logsnr)
+        y, a = y.long().to(z.device), torch.as_tensor(logsnr, device=z.device).expand(len(z))
+        labelled = y != self.base.n_classes
+        out = self.base(z, a)
+        if bool(labelled.any()):
+            out[labelled] = self.base(z[labelled], a[labelled], y=y[labelled])
+        return out
 
     def forward(self, z, logsnr, y=None):
-        return self.gauss.denoise(z, logsnr) + self.net(z, logsnr, y=y)
+        return self._base(z, logsnr, y) + self.net(z, logsnr, y=y)
 
 
 class _WithLabels:
@@ -186,9 +207,10 @@ def run_conditional_demo(*, epochs: int | None = None, out=None, seed: int = 0, 
         (x_tr, y_tr), (x_te, y_te) = (x_tr[:256], y_tr[:256]), (x_te[:30], y_te[:30])
     points = 16 if quick else 64
     spectrum = GaussianSpectrum.from_data(x_tr, added_variance=DIGITS_GRID.delta**2 / 12)
+    law = fit_class_mixture(x_tr, y_tr)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = ITDiffusion(ConditionalResidual(LabelledUNet(N_CLASSES, skip=False), spectrum), spectrum)
+        model = ITDiffusion(ConditionalResidual(LabelledUNet(N_CLASSES, skip=False), law), spectrum)
     log(f"itd demo --conditional: digits, {len(x_tr)} train / {len(x_te)} test, {epochs} epochs")
     history = train_conditional(model, x_tr, y_tr, epochs=epochs, seed=seed, log=log)
     opts = {"discrete": DIGITS_GRID, "rounding": "hard"}

@@ -205,6 +205,7 @@ def resolve_model(
     grid: DiscreteGrid | None = None,
     seed: int = 0,
     class_label: int | None = None,
+    conditional: bool = False,
 ) -> LoadedModel:
     """Turn a ``--model`` argument into a :class:`LoadedModel` (see the module docstring).
 
@@ -216,7 +217,9 @@ def resolve_model(
         grid: the data's grid (recorded in a fresh ``small-unet``'s description).
         seed: initialisation seed of a fresh ``small-unet`` (the global RNG is untouched).
         class_label: the class a class-conditional diffusers UNet is evaluated at
-            (``-log p(x | y)``); required by such a UNet, refused by other models.
+            (``-log p(x | y)``); required by such a UNet (unless ``conditional``), refused by other models.
+        conditional: leave a class-conditional model's label to the caller: the denoiser is
+            called ``f(z, logsnr, y=labels)`` (``itd infomap``, ``mi``, ``classify``).
     """
     from .denoisers import list_models
     from .denoisers.hub import looks_like_repo_id
@@ -226,14 +229,16 @@ def resolve_model(
     path = Path(spec).expanduser()
     is_diffusers = spec not in list_names() and (
         (path.is_dir() and not (path / RUN_CHECKPOINT).is_file()) or (not path.exists() and looks_like_repo_id(spec)))
-    if class_label is not None and not is_diffusers:
-        raise ValueError(f"--class-label goes with a class-conditional diffusers model, not {spec!r}")
+    if class_label is not None and (conditional or not is_diffusers):
+        raise ValueError(f"--class-label goes with a class-conditional diffusers model in itd eval, compare or "
+                         f"finetune, not {spec!r}" + (" (here, labels come from --y or a labelled folder)"
+                                                      if conditional else ""))
     if spec == SMALL_UNET:
         return _fresh_small_unet(spectrum, grid, seed)
     if spec in list_models():
         return _registry(spec, weights, label=spec if weights is None else f"{spec} ({Path(str(weights)).name})")
     if is_diffusers:
-        return load_diffusers(spec, class_label=class_label)
+        return load_diffusers(spec, class_label=class_label, conditional=conditional)
     if path.is_dir():
         return load_run(path / RUN_CHECKPOINT)
     if path.is_file():
@@ -261,8 +266,12 @@ def _registry(name: str, weights, label: str) -> LoadedModel:
                        _grid_from_json(description["grid"]))
 
 
-def load_diffusers(source: str, *, class_label: int | None = None) -> LoadedModel:
-    """A diffusers model or pipeline folder, or a Hub repo id, under its own scheduler config."""
+def load_diffusers(source: str, *, class_label: int | None = None, conditional: bool = False) -> LoadedModel:
+    """A diffusers model or pipeline folder, or a Hub repo id, under its own scheduler config.
+
+    A class-conditional UNet needs ``class_label`` (its label fixed), unless ``conditional``
+    (the denoiser then takes ``y``).
+    """
     from .denoisers.diffusers import (_load_local_unet, _local_model_dir, local_root, local_scheduler_file,
                                       read_json)
 
@@ -273,12 +282,13 @@ def load_diffusers(source: str, *, class_label: int | None = None) -> LoadedMode
     model_dir = _local_model_dir(root, None)
     scheduler = read_json(local_scheduler_file(root, model_dir))
     unet = _load_local_unet(model_dir)
-    conditional = unet.config.get("num_class_embeds") is not None or unet.config.get("class_embed_type") is not None
+    is_conditional = (unet.config.get("num_class_embeds") is not None
+                      or unet.config.get("class_embed_type") is not None)
     label = Path(source).name if root == Path(source).expanduser() else source
-    if conditional and class_label is None:
+    if is_conditional and class_label is None and not conditional:
         raise ValueError(f"{label} is class-conditional (num_class_embeds={unet.config.get('num_class_embeds')}): "
                          "give --class-label K to evaluate -log p(x | y=K)")
-    if not conditional and class_label is not None:
+    if not is_conditional and class_label is not None:
         raise ValueError(f"{label} is not class-conditional; drop --class-label")
     if class_label is not None:
         label = f"{label} (class {class_label})"
@@ -377,3 +387,41 @@ def state_fingerprint(module: nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+DIFFUSERS_OUT = "diffusers"  # the tuned model of a run of a diffusers model, as a diffusers folder
+
+
+def save_diffusers_folder(denoiser: nn.Module, description: dict, folder) -> Path:
+    """Write the UNet inside ``denoiser`` (a diffusers model's adapter) as a diffusers model folder.
+
+    ``folder`` gets what ``UNet2DModel.save_pretrained`` writes (``config.json``,
+    ``diffusion_pytorch_model.safetensors``) and, beside it, the model's original
+    ``scheduler_config.json``: ``diffusers.UNet2DModel.from_pretrained(folder)`` loads it, and
+    ``itd eval --model folder`` reads it under the same schedule.  The folder is replaced whole.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from .denoisers.hub import require_diffusers
+
+    if description.get("kind") != DIFFUSERS:
+        raise ValueError(f"only diffusers models are written as diffusers folders, not {description.get('kind')!r}")
+    unets = [m for m in denoiser.modules() if isinstance(m, require_diffusers().UNet2DModel)]
+    if len(unets) != 1:
+        raise ValueError(f"expected one UNet2DModel inside the denoiser, found {len(unets)}")
+    folder = Path(folder)
+    temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        unets[0].save_pretrained(str(temp), safe_serialization=True)
+        (temp / "scheduler_config.json").write_text(json.dumps(description["scheduler"], indent=2) + "\n")
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        temp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return folder

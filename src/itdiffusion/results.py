@@ -131,6 +131,8 @@ class Results:
             (the Gaussian's mmse curve), and where measured ``mmse_hard``, ``mmse_soft``,
             ``mmse_dequantized``.
         terms: :class:`Term` per estimator: ``continuous``, ``discrete``, ``dequantized``.
+        ids: each example's identity (``itd eval``: its file path relative to the data root, or
+            its index into the array or archive), in the order of the per-example arrays; or ``None``.
     """
 
     logsnr: np.ndarray
@@ -141,6 +143,7 @@ class Results:
     curves: dict[str, np.ndarray]
     terms: dict[str, Term]
     members: list[str] = field(default_factory=list)
+    ids: list[str] | None = None
 
     @property
     def d(self) -> int:
@@ -206,6 +209,50 @@ class Results:
             raise KeyError(f"no estimate {name!r}; have {list(estimates)}")
         return estimates[name]
 
+    def per_example(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per-example ``(nats, se_nats)`` ``(N,)`` arrays of every estimate (names as :attr:`estimates`).
+
+        The standard error of one example's estimate is the spread of its weighted integrand over
+        the log-SNR points, ``1/2 std_i(m w_i f_i) / sqrt(m)``: the importance-sampling error for
+        i.i.d. points, an upper estimate for midpoint or stratified ones; NaN without per-example
+        curves (``per_sample_curves=False``).
+        """
+        out, m = {}, len(self.weights)
+        for name in self.estimates:
+            base = name.removesuffix(GAUSS_MIN)
+            gauss_min = name.endswith(GAUSS_MIN) or name in MIN_ONLY
+            term = self.terms[base.replace("_discrete", "") if base.startswith("dequantized") else base]
+            shift = term.shift - (self.d * math.log(self.config["grid"]["delta"]) if "_discrete" in base
+                                  and base.startswith("dequantized") else 0.0)
+            values = (term.nll_gauss_min if gauss_min else term.nll_nats) + shift
+            se = np.full(len(values), math.nan)
+            if term.has_curves and m > 1:
+                curve = term.integrand
+                if gauss_min:
+                    curve = np.where(term.integrand_mean > term.gauss_mean, term.gauss, term.integrand)
+                spread = m * self.weights * curve
+                if np.allclose(term.offset + 0.5 * spread.mean(1) + shift, values, rtol=1e-5, atol=1e-3):  # curves are kept in float32
+                    se = 0.5 * spread.std(1, ddof=1) / math.sqrt(m)
+            out[name] = (values, se)
+        return out
+
+    def write_per_example_csv(self, path) -> None:
+        """One row per example: its id (or its position), and bits/dim with standard error of every estimate."""
+        import csv
+        import io
+
+        rows = self.per_example()
+        ids = self.ids if self.ids is not None else [str(i) for i in range(self.n_examples)]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["id"] + [f"{name}_{key}" for name in rows for key in ("bpd", "se_bpd")])
+        for i, image in enumerate(ids):
+            cells = [image]
+            for values, se in rows.values():
+                cells += [f"{bpd(values[i], self.d):.6f}", "" if math.isnan(se[i]) else f"{bpd(se[i], self.d):.6f}"]
+            writer.writerow(cells)
+        _io.write_atomic(path, lambda fh: fh.write(buffer.getvalue().encode()))
+
     # ----------------------------------------------------------------- tables
     def to_markdown(self, title: str | None = None, meanings: bool = False) -> str:
         """The estimates as a Markdown table (nats and bits/dim with standard errors; ``meanings=True``
@@ -257,6 +304,10 @@ class Results:
             "estimates": self.summary(),
             "headline": self.headline,
         }
+        if self.ids is not None:
+            if len(self.ids) != self.n_examples:
+                raise ValueError(f"{len(self.ids)} ids for {self.n_examples} examples")
+            arrays["ids"] = np.asarray([str(i) for i in self.ids], dtype=np.str_)
         arrays["meta"] = np.frombuffer(json.dumps(_io._json_safe(meta)).encode(), dtype=np.uint8)
         _io.save_npz_atomic(_npz_path(path), arrays)
         _io.save_json_atomic(path, meta)
@@ -296,10 +347,20 @@ class Results:
             return cls(
                 logsnr=real("logsnr"), weights=real("weights"), shape=tuple(int(s) for s in meta["shape"]),
                 n_examples=int(meta["n_examples"]), config=dict(meta["config"]), curves=curves, terms=terms,
-                members=list(meta.get("members", [])),
+                members=list(meta.get("members", [])), ids=_ids(arrays, int(meta["n_examples"])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{_npz_path(path)}: not a valid results file ({type(err).__name__}: {err})") from None
+
+
+def _ids(arrays: dict, n: int) -> list[str] | None:
+    """The saved example ids (``None`` in files written without them)."""
+    if "ids" not in arrays:
+        return None
+    ids = arrays["ids"]
+    if ids.dtype.kind != "U" or ids.shape != (n,):
+        raise ValueError(f"ids must be {n} strings, got {ids.dtype} {ids.shape}")
+    return ids.tolist()
 
 
 _V1_NAMES = {"nll_nats": "nll", "nll_gauss_min": "nll_clamped"}  # array names of version-1 files

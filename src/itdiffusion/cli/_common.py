@@ -104,6 +104,17 @@ def learning_rate(text: str) -> float:
     return value
 
 
+def precheck_hub(spec: str | None) -> None:
+    """Fetch (or find in the cache) a Hub repo id before anything heavy is imported, so that a repo
+    that cannot be had fails in one line at once (nothing for a name or a local path)."""
+    if not spec or Path(spec).expanduser().exists():
+        return
+    from ..denoisers.hub import local_snapshot, looks_like_repo_id
+
+    if looks_like_repo_id(spec):  # no registry name holds a "/"
+        local_snapshot(spec)
+
+
 MAX_WORKERS = 256
 
 

@@ -76,24 +76,15 @@ def load_data(args, labelled: str = "auto"):
 
 
 def load_model(args, spectrum, grid):
-    """The denoiser of ``--model`` and its label.  Besides what :func:`itdiffusion.resolve.resolve_model`
-    knows, any diffusers ``UNet2DModel`` folder (e.g. class-conditional, ``num_class_embeds``) is read."""
+    """The denoiser of ``--model`` (resolved as by every command, :func:`itdiffusion.resolve.resolve_model`;
+    a class-conditional model keeps its labels free), its label and image shape."""
     from ..resolve import resolve_model
 
-    try:
-        loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=grid)
-        return loaded.denoiser, args.label or loaded.label, tuple(loaded.shape)
-    except ValueError:
-        path = Path(args.model).expanduser()
-        if args.weights is not None or not path.is_dir() or not ((path / "config.json").is_file()
-                                                                  or (path / "unet" / "config.json").is_file()):
-            raise
-    from ..denoisers.diffusers import DiffusersDenoiser
-
-    denoiser = DiffusersDenoiser.from_pretrained(path)
-    config = denoiser.unet.config
-    shape = (int(config.in_channels), int(config.sample_size), int(config.sample_size))
-    return denoiser, args.label or f"diffusers ({path.name})", shape
+    if args.class_label is not None:
+        raise ValueError("--class-label is for itd eval, compare and finetune; here the labels come from --y "
+                         "or from a labelled folder's sub-folders")
+    loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=grid, conditional=True)
+    return loaded.denoiser, args.label or loaded.label, tuple(loaded.shape)
 
 
 def setup(args, labelled: str = "auto") -> Setup:
@@ -103,6 +94,9 @@ def setup(args, labelled: str = "auto") -> Setup:
     from ..model import ITDiffusion
     from ._common import check_shapes, load_spectrum
 
+    from ..training.distributed import check_device
+
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spectrum = load_spectrum(args.spectrum)
     data = load_data(args, labelled)
     check_shapes(data, spectrum)
@@ -112,13 +106,17 @@ def setup(args, labelled: str = "auto") -> Setup:
     if args.null_label is not None:
         from ..core.condition import NullLabel
 
+        if args.null_label < 0:
+            raise ValueError(f"--null-label must be a label (a non-negative integer), got {args.null_label}")
         denoiser = NullLabel(denoiser, args.null_label)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = ITDiffusion(denoiser, spectrum).to(device).eval()
     discrete = None if args.continuous else data.grid
     options = {"batch_size": args.batch_size, "discrete": discrete}
     if discrete is not None:
         options["rounding"] = args.rounding
+    if data.classes and not all(c.isdigit() for c in data.classes):  # documented, but easy to miss
+        print("class names are not all integers: the network is given labels in sorted-name order ("
+              + ", ".join(f"{c}={i}" for i, c in enumerate(data.classes)) + ")")
     return Setup(data, model, label, options, device)
 
 

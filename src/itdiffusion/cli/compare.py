@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from . import UsageError
-from ._common import MODEL_HELP, add_device_arg
+from ._common import DATA_HELP, MODEL_HELP, add_device_arg
 
 GMM = "gmm-exact"
 SAMPLE_PREFIX = "sample:"
@@ -33,17 +33,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weights", help="weights of a registered model: a file, a diffusers folder or a Hub repo id")
     p.add_argument("--class-label", type=int, help="class-conditional diffusers models: -log p(x | y) at this class")
     p.add_argument("--data", required=True,
-                   help=f"a .npy file of examples (N, *shape); with {GMM} also '{SAMPLE_PREFIX}N' to draw N examples "
-                        "from the mixture")
+                   help=f"a .npy file of examples (N, *shape), or what itd eval reads ({DATA_HELP}; its test split); "
+                        f"with {GMM} also '{SAMPLE_PREFIX}N' to draw N examples from the mixture")
     p.add_argument("--methods", default="it,vlb,ode", help="comma-separated: it, vlb, vlb-ct, ode")
     p.add_argument("--limit", type=int, help="use only the first N examples")
     p.add_argument("--dim", type=int, default=64, help=f"dimension of the {GMM} mixture when sampling its data")
     p.add_argument("--components", type=int, default=5, help=f"components of the {GMM} mixture")
     p.add_argument("--mixture-seed", type=int, default=0, help=f"seed that defines the {GMM} mixture")
-    p.add_argument("--spectrum", help="GaussianSpectrum .npz of the data (default: computed from the data)")
+    p.add_argument("--spectrum", help="GaussianSpectrum .npz of the data (default: computed from the data, and "
+                   "with --out saved beside it as OUT.spectrum.npz; any Gaussian reference gives a valid estimate)")
     p.add_argument("--points", "--n-points", dest="n_points", metavar="POINTS", type=int, default=256,
-                   help="IT and continuous-time bound: calls per example (--points as in itd eval; --n-points is "
-                        "the older name)")
+                   help="IT and continuous-time bound: calls per example (itd eval's --points)")
     p.add_argument("--vlb-steps", type=int, default=None,
                    help="discrete-time bound: steps of the default schedule (models without their own)")
     p.add_argument("--vlb-calls", type=int, default=None,
@@ -122,7 +122,15 @@ def _gmm_setup(args):
         x = load_data(args.data).double()
         x = x.reshape(len(x), -1)
         mixture, spectrum = demo_mixture(x.shape[1], args.components, args.mixture_seed)
-    return ITDiffusion(mixture, spectrum), x, None
+    return ITDiffusion(mixture, spectrum), x, None, None
+
+
+def _images(source: str):
+    """``(x, grid)`` of a ``--data`` that is not a ``.npy`` file, read as ``itd eval`` reads it (its test split)."""
+    from ..data.images import load_data as load_images
+
+    data = load_images(source, "test")
+    return data.x, data.grid
 
 
 def _model_setup(args):
@@ -136,7 +144,7 @@ def _model_setup(args):
 
     if args.data.startswith(SAMPLE_PREFIX):
         raise UsageError(f"{SAMPLE_PREFIX}N needs an analytic model ({GMM}); give a .npy file")
-    x = load_data(args.data)
+    x, image_grid = (load_data(args.data), None) if Path(args.data).suffix == ".npy" else _images(args.data)
     shape = registry_shape(args.model)
     if shape is not None and tuple(x.shape[1:]) != shape:  # before the network is built
         raise UsageError(f"{args.model} models examples of shape {shape}; {args.data} holds {tuple(x.shape[1:])}")
@@ -150,15 +158,15 @@ def _model_setup(args):
         if tuple(spectrum.shape) != tuple(x.shape[1:]):
             raise UsageError(f"the spectrum {args.spectrum} is for examples of shape {tuple(spectrum.shape)}; "
                              f"{args.data} holds {tuple(x.shape[1:])}")
-    else:
-        spectrum = GaussianSpectrum.from_data(x, diagonal=len(x) <= math.prod(x.shape[1:]))
+    else:  # any Gaussian reference is valid; this one is saved beside --out
+        spectrum = computed = GaussianSpectrum.from_data(x, diagonal=len(x) <= math.prod(x.shape[1:]))
     loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, seed=args.seed,
                            class_label=args.class_label)
     if tuple(loaded.shape) != tuple(x.shape[1:]):
         raise UsageError(f"{loaded.label} models examples of shape {tuple(loaded.shape)}; "
                          f"{args.data} holds {tuple(x.shape[1:])}")
-    grid = loaded.grid if loaded.grid is not None else (DiscreteGrid(-1.0, 1.0, 256) if eight_bit else None)
-    return ITDiffusion(loaded.denoiser, spectrum), x, grid
+    grid = loaded.grid if loaded.grid is not None else (DiscreteGrid(-1.0, 1.0, 256) if eight_bit else image_grid)
+    return ITDiffusion(loaded.denoiser, spectrum), x, grid, None if args.spectrum else computed
 
 
 def _positive_int(text: str, what: str) -> int:
@@ -186,6 +194,9 @@ def _options(args) -> dict:
 
 
 def run(args) -> int:
+    from ._common import precheck_hub
+
+    precheck_hub(args.model)  # an unreachable Hub repo fails at once
     import torch
 
     from ..baselines.compare import compare
@@ -204,7 +215,7 @@ def run(args) -> int:
         threads = args.threads or (1 if args.model == GMM else None)
         if threads:
             torch.set_num_threads(threads)
-        model, x, grid = _gmm_setup(args) if args.model == GMM else _model_setup(args)
+        model, x, grid, computed = _gmm_setup(args) if args.model == GMM else _model_setup(args)
         x = x[: args.limit] if args.limit else x
         model, x = model.to(device), x.to(device)
         options = {m: opts for m, opts in _options(args).items() if m in methods}
@@ -212,7 +223,11 @@ def run(args) -> int:
         title = f"itd compare: {args.model} on {args.data}"
         print(table.to_markdown(title) if args.format == "markdown" else table.to_json(), end="")
         if args.out:
-            table.save(args.out, title=title, meta={"model": args.model, "data": args.data})
+            meta = {"model": args.model, "data": args.data, "spectrum": args.spectrum}
+            if computed is not None:  # the Gaussian reference computed from the data, for a repeatable run
+                meta["spectrum"] = str(Path(args.out).with_suffix(".spectrum.npz"))
+                computed.save(meta["spectrum"])
+            table.save(args.out, title=title, meta=meta)
     finally:
         if lock is not None:
             lock.release()
@@ -246,8 +261,10 @@ def _guard_outputs(args):
     from ..guard import OutputLocks, check_outputs
 
     out = Path(args.out)
-    check_outputs([out, out.with_suffix(".md")], [args.data, args.model, args.weights, args.spectrum])
-    for path in (out, out.with_suffix(".md")):
+    computes = not args.spectrum and args.model != GMM  # a computed Gaussian reference is saved beside OUT
+    written = [out, out.with_suffix(".md")] + ([out.with_suffix(".spectrum.npz")] if computes else [])
+    check_outputs(written, [args.data, args.model, args.weights, args.spectrum])
+    for path in written:
         if path.exists() and not args.overwrite:
             raise ValueError(f"{path} exists; pass --overwrite to replace it")
     return OutputLocks([out, out.with_suffix(".md")]).acquire()

@@ -26,8 +26,16 @@ def add_parser(sub) -> None:
     )
     add_model_args(p)
     p.add_argument("--data", required=True, help=DATA_HELP + "; its test split is used")
-    p.add_argument("--spectrum", required=True, help="spectrum .npz of the training data (itd spectrum)")
+    p.add_argument("--spectrum", help="spectrum .npz of the Gaussian reference (itd spectrum). Optional: any "
+                   "Gaussian reference gives a valid estimate (the identity holds for every one; a closer one only "
+                   "lowers the variance); without it the reference is computed from --spectrum-data, else from the "
+                   "evaluated images, and saved beside OUT as OUT.spectrum.npz so the run can be repeated")
+    p.add_argument("--spectrum-data", help="images whose training split gives the Gaussian reference when --spectrum "
+                   "is not given (same formats as --data)")
     p.add_argument("--out", required=True, help="results file (.json; the arrays go beside it as .npz)")
+    p.add_argument("--per-image", metavar="FILE.csv", help="also write one row per image: its id (file path relative "
+                   "to the data root, or index into the array, archive or built-in split), bits/dim and standard "
+                   "error of each estimate (the ids are also saved in OUT.npz)")
     p.add_argument("--points", type=int_up_to(MAX_CALLS), default=1000, help="network calls per image and pass")
     p.add_argument("--soft-round", action="store_true", help="discrete bound with soft (posterior-mean) rounding "
                    "instead of hard rounding")
@@ -83,16 +91,34 @@ def progress_path(out: Path, world=None) -> Path:
     return out.with_name(out.stem + ".partial")
 
 
+def spectrum_path(out: Path) -> Path:
+    """Where a Gaussian reference computed by ``itd eval`` is saved: ``OUT.spectrum.npz``."""
+    return out.with_suffix(".spectrum.npz")
+
+
+def _outputs(args, out: Path) -> list[Path]:
+    """Every file ``itd eval`` writes (besides its progress folder)."""
+    extra = [Path(args.per_image)] if args.per_image else []
+    return [out, out.with_suffix(".npz")] + ([spectrum_path(out)] if args.spectrum is None else []) + extra
+
+
 def _check_args(args, out: Path) -> None:
+    if args.per_image is not None and Path(args.per_image).suffix.lower() != ".csv":
+        raise ValueError(f"--per-image must name a .csv file, got {args.per_image}")
+    if args.per_image is not None and Path(args.per_image).resolve() in {p.resolve() for p in _outputs(args, out)[:-1]}:
+        raise ValueError(f"--per-image {args.per_image} is one of the other outputs")
     if out.suffix != ".json":
         raise ValueError(f"--out must name a .json file (its arrays go beside it as .npz), got {out}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder")
     from ..guard import check_outputs
 
-    inputs = [args.data, args.spectrum, args.model, args.weights, getattr(args, "pilot_data", None)]
-    check_outputs([out, out.with_suffix(".npz"), progress_path(out)], inputs)  # before any other word on OUT
-    for path in (out, out.with_suffix(".npz")):  # the arrays beside OUT are part of it
+    if args.spectrum is not None and args.spectrum_data is not None:
+        raise ValueError("--spectrum-data computes the Gaussian reference that --spectrum gives: pass one of them")
+    inputs = [args.data, args.spectrum, args.spectrum_data, args.model, args.weights,
+              getattr(args, "pilot_data", None)]
+    check_outputs([*_outputs(args, out), progress_path(out)], inputs)  # before any other word on OUT
+    for path in _outputs(args, out):  # the arrays (and a computed spectrum) beside OUT are part of it
         if path.exists() and not args.overwrite:
             raise ValueError(f"{path} exists; pass --overwrite to replace it")
     if not args.checkpoint_every >= 0:
@@ -102,6 +128,9 @@ def _check_args(args, out: Path) -> None:
 
 
 def run(args) -> int:
+    from ._common import precheck_hub
+
+    precheck_hub(args.model)  # before torch is imported: an unreachable Hub repo fails at once
     from ..evalstate import ProgressStore
     from ..training.distributed import shutdown
     from ._common import start_world
@@ -140,8 +169,9 @@ def _setup(args, world, device):
     from ..denoisers.device import DeviceOptions, optimize_denoiser
     from ._common import check_registry_model, check_shapes, load_spectrum
 
-    spectrum = load_spectrum(args.spectrum)
     data = open_images(args.data, "test", limit=args.limit, seed=args.seed)
+    spectrum, computed_from = ((load_spectrum(args.spectrum), None) if args.spectrum is not None
+                               else _computed_spectrum(args, data))
     check_registry_model(args, data, need_weights=True)
     loaded = resolve_model(args.model, weights=args.weights, spectrum=spectrum, grid=data.grid, seed=args.seed,
                            class_label=args.class_label)
@@ -160,11 +190,26 @@ def _setup(args, world, device):
     pilot = _tune(args, model, data, config)
     part = shard(len(data), world)
     evaluator = Evaluator(model, config, batch_size=args.batch_size, index_offset=part.start)
-    evaluator.pilot_report = pilot
+    evaluator.pilot_report, evaluator.computed_spectrum = pilot, (spectrum, computed_from) if computed_from else None
     step = args.images_per_step or max(1, NOISE_BUDGET // (evaluator.layout.n_calls * data.d))
     identity = {"model": state_fingerprint(model), "data": data.fingerprint(), "dtype": args.dtype}
     chunks = Chunks(data, step, part.start, part.stop, workers=args.workers, pin_memory=device.type == "cuda")
     return data, loaded, evaluator, chunks, identity
+
+
+def _computed_spectrum(args, data):
+    """The Gaussian reference of ``--spectrum-data`` (its training split), else of the evaluated images:
+    a full covariance when there are more images than dimensions, else a diagonal one."""
+    from ..core.spectrum import GaussianSpectrum
+    from ..data.stream import open_images
+
+    source = open_images(args.spectrum_data, "train") if args.spectrum_data is not None else data
+    if source.shape != data.shape:
+        raise ValueError(f"--spectrum-data {source.source} holds images of shape {source.shape}; "
+                         f"{data.source} holds {data.shape}")
+    diagonal = len(source) <= source.d
+    spectrum = GaussianSpectrum.from_batches(source.chunks(2048), diagonal=diagonal)
+    return spectrum, f"{source.source} ({len(source)} images, {'diagonal' if diagonal else 'full'} covariance)"
 
 
 def _tune(args, model, data, config) -> dict | None:
@@ -246,17 +291,25 @@ def _write_results(args, out: Path, evaluator, partial: Path, identity, loaded, 
     joined = Evaluator(evaluator.model, evaluator.config, batch_size=evaluator.batch_size)
     joined.attach(partial, identity)
     results = joined.results()
+    results.ids = data.ids()
+    spectrum, computed_from = args.spectrum, None
+    if evaluator.computed_spectrum is not None:  # saved beside OUT, so that the run can be repeated with --spectrum
+        spectrum, (reference, computed_from) = str(spectrum_path(out)), evaluator.computed_spectrum
+        reference.save(spectrum)
     results.config.update({
         "model": args.label or loaded.label, "model_arg": args.model, "weights": args.weights, "data": args.data,
-        "spectrum": args.spectrum, "processes": world.size, "seconds": time.perf_counter() - began,
+        "spectrum": spectrum, "spectrum_computed_from": computed_from, "processes": world.size, "seconds": time.perf_counter() - began,
         "run": None if loaded.run is None else str(loaded.run), "dtype": args.dtype,
         "pilot": evaluator.pilot_report, "limit": args.limit, "data_sha256": identity["data"],
     })
     results.save(out)
+    if args.per_image:
+        results.write_per_example_csv(args.per_image)
     print(headline(results, args.all, f"{results.config['model']} on {data.source}"), end="")
     if evaluator.pilot_report:
         print(f"pilot (apart from the evaluation): {evaluator.pilot_report}")
-    print(f"wrote {out} and {out.with_suffix('.npz')}")
+    written = _outputs(args, out)
+    print(f"wrote {', '.join(str(p) for p in written[:-1])} and {written[-1]}")
 
 
 def headline(results, full: bool, title: str) -> str:

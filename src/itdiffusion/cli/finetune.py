@@ -87,6 +87,9 @@ def _check_log_dir(log_dir: Path, resume: bool) -> None:
 
 
 def run(args) -> int:
+    from ._common import precheck_hub
+
+    precheck_hub(args.model)  # an unreachable Hub repo fails at once
     from ..guard import OutputLock, check_outputs
 
     out = Path(args.out)
@@ -149,6 +152,7 @@ def _run(args, out: Path) -> int:
                         world=world, log_dir=args.log_dir, workers=args.workers)
         if world.is_main and history.records:  # also when a resumed run had nothing left to do
             _io.save_json_atomic(out / RUN_INFO, {**info, "epochs_done": history.records[-1].epoch})
+            _export_diffusers(loaded, model, out, world)
     finally:
         from ..training.distributed import shutdown
 
@@ -249,6 +253,19 @@ def _epoch_printer(out: Path, info: dict, d: int, metric: str):
         print(line + f"  {record.seconds:.1f} s", flush=True)
 
     return on_epoch
+
+
+def _export_diffusers(loaded, model, out: Path, world) -> None:
+    """A diffusers model's tuned UNet, also as a diffusers folder ``OUT/diffusers`` (its scheduler config copied)."""
+    from ..resolve import DIFFUSERS, DIFFUSERS_OUT, save_diffusers_folder
+    from ._common import say
+
+    if loaded.description.get("kind") != DIFFUSERS:
+        return
+    folder = save_diffusers_folder(model.denoiser, loaded.description, out / DIFFUSERS_OUT)
+    label = loaded.description.get("class_label")
+    say(world, f"wrote {folder} (a diffusers model folder: diffusers.UNet2DModel.from_pretrained reads it"
+        + (f"; class-conditional: evaluate it with --class-label {label})" if label is not None else ")"))
 
 
 def _tuned_label(label: str) -> str:

@@ -42,13 +42,24 @@ class ImageSource(torch.utils.data.Dataset):
         n, shape, grid, source: the count, ``(C, H, W)``, the data grid (``None``: continuous)
             and a description (a path).
         labels, classes, names: as in :class:`~itdiffusion.data.images.ImageData`.
+        index: ``(n,)`` each image's index in the array or archive it was taken from
+            (``None``: ``0 .. n-1``); a subset keeps the original indices.
     """
 
     def __init__(self, read: Callable[[np.ndarray], torch.Tensor], n: int, shape: tuple[int, int, int],
                  grid: DiscreteGrid | None, source: str, labels: torch.Tensor | None = None,
-                 classes: tuple[str, ...] = (), names: tuple[str, ...] | None = None):
+                 classes: tuple[str, ...] = (), names: tuple[str, ...] | None = None,
+                 index: np.ndarray | None = None):
         self._read, self.n, self.shape, self.grid, self.source = read, int(n), tuple(shape), grid, source
         self.labels, self.classes, self.names = labels, classes, names
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+
+    def ids(self) -> list[str]:
+        """Each image's identity: its file path relative to the data root, else its index in the
+        array, archive or built-in split it comes from (as text)."""
+        if self.names is not None:
+            return list(self.names)
+        return [str(int(i)) for i in (np.arange(self.n) if self.index is None else self.index)]
 
     def __len__(self) -> int:
         return self.n
@@ -103,8 +114,9 @@ class ImageSource(torch.utils.data.Dataset):
         indices = np.asarray(indices, dtype=np.int64)
         pick = lambda v: None if v is None else v[torch.as_tensor(indices)]  # noqa: E731
         names = None if self.names is None else tuple(self.names[i] for i in indices)
+        index = indices if self.index is None else self.index[indices]
         return ImageSource(lambda i: self._read(indices[i]), len(indices), self.shape, self.grid, self.source,
-                           pick(self.labels), self.classes, names)
+                           pick(self.labels), self.classes, names, index)
 
     def sample(self, n: int | None, seed: int = 0) -> "ImageSource":
         """``n`` images drawn by ``seed`` exactly as :meth:`ImageData.sample` draws them."""
@@ -181,7 +193,9 @@ def open_images(spec: str, split: str = "train", *, limit: int | None = None, se
     """
     if split not in _img.SPLITS:
         raise ValueError(f"split must be one of {_img.SPLITS}, got {split!r}")
-    if spec in _img.BUILTIN_SETS or not spec:
+    if spec in _img.BUILTIN_SETS:  # the same draw as load_data's, keeping each image's index in the split
+        return from_data(_img.load_data(spec, split)).sample(limit, seed)
+    if not spec:
         return from_data(_img.load_data(spec, split, limit=limit, seed=seed))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".npy":

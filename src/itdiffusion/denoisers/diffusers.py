@@ -166,9 +166,24 @@ class DiffusersDenoiser(nn.Module):
         """
         logsnr = torch.as_tensor(logsnr, device=z.device).expand(z.shape[0])
         t = self.timesteps(logsnr).float()
+        if y is None and self.conditional:
+            raise ValueError("this UNet is class-conditional and has no unconditional mode (y=None): give labels, "
+                             "or the null label it was trained with (itd: --null-label K)")
+        if y is not None:
+            self._check_labels(y)
         kwargs = {} if y is None else {"class_labels": y}
         out = _output_tensor(self.unet(z, t, **kwargs), z.shape[1])
         return eps_from_prediction(out, z, logsnr, self.prediction_type)
+
+    def _check_labels(self, y: torch.Tensor) -> None:
+        """ValueError unless every label indexes the UNet's class embedding (``num_class_embeds``)."""
+        classes = getattr(getattr(self.unet, "config", None), "num_class_embeds", None)
+        if classes is None or y.numel() == 0 or y.is_floating_point():
+            return
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= int(classes):
+            raise ValueError(f"class label {lo if lo < 0 else hi} is outside this UNet's {classes} classes "
+                             f"(0..{int(classes) - 1}; num_class_embeds={classes})")
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = None, *,
