@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fileio as _io
 from .core.grid import DiscreteGrid
 from .core.spectrum import GaussianSpectrum
 
@@ -415,7 +416,8 @@ def save_diffusers_folder(denoiser: nn.Module, description: dict, folder) -> Pat
     temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         unets[0].save_pretrained(str(temp), safe_serialization=True)
-        (temp / "scheduler_config.json").write_text(json.dumps(description["scheduler"], indent=2) + "\n")
+        text = json.dumps(description["scheduler"], indent=2) + "\n"
+        _io.write_atomic(temp / "scheduler_config.json", lambda fh: fh.write(text.encode()))
         old = folder.with_name(f".{folder.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():

@@ -78,6 +78,11 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for token in argv:  # argparse drops a '--' value and hands the option an empty list
+        if token.startswith("--") and token.endswith("=--"):
+            print(f"itd: error: argument {token[:-3]}: expected a value, got '--'", file=sys.stderr)
+            return 2
     try:
         args, extra = parser.parse_known_args(argv)
     except SystemExit as stop:  # --help, --version, or a bad argument (already printed on one line)
