@@ -214,3 +214,24 @@ def test_nll_refuses_seeds_the_cli_refuses(seed):
         model.nll(mix.sample(3, torch.Generator().manual_seed(1)), 8, seed=seed)
     with pytest.raises(ValueError, match="meta device"):
         model.nll(torch.empty(3, 2, dtype=torch.float64, device="meta"), 8, seed=0)
+
+
+def test_results_json_edited_apart_from_its_npz_is_refused(tmp_path):
+    import json as _json
+
+    import torch
+
+    import itdiffusion as itd
+    from conftest import make_mixture
+
+    mix = make_mixture(2)
+    gen = torch.Generator().manual_seed(0)
+    res = itd.evaluate(itd.ITDiffusion(mix, itd.GaussianSpectrum.from_data(mix.sample(200, gen))),
+                       [mix.sample(4, gen)], n_points=4)
+    res.save(tmp_path / "r.json")
+    itd.Results.load(tmp_path / "r.json")  # the pair as written
+    meta = _json.loads((tmp_path / "r.json").read_text())
+    meta["n_examples"] = 999
+    (tmp_path / "r.json").write_text(_json.dumps(meta))
+    with pytest.raises(ValueError, match="disagree"):
+        itd.Results.load(tmp_path / "r.json")

@@ -322,6 +322,7 @@ class Results:
         path = Path(path)
         if not path.exists() and not _npz_path(path).exists():
             raise ValueError(f"{path}: no such file")
+        summary = None
         if path.suffix != ".npz" and path.exists():
             summary = _io.load_json(path)
             if summary.get("format") != FORMAT:
@@ -331,6 +332,9 @@ class Results:
                                  f"(this is version {VERSION})")
         arrays = _io.load_npz(_npz_path(path))
         meta = _io.read_meta(arrays, _npz_path(path), FORMAT, VERSION, older=(1,))
+        if summary is not None and summary != meta:  # both are written from one description
+            raise ValueError(f"{path} and {_npz_path(path).name} disagree (edited, or written by different runs); "
+                             "rerun itd eval or restore the pair")
         names = _V1_NAMES if meta["version"] == 1 else {}
         try:
             real = lambda key: _io.real_array(arrays, key)  # noqa: E731
