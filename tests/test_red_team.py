@@ -235,3 +235,12 @@ def test_results_json_edited_apart_from_its_npz_is_refused(tmp_path):
     (tmp_path / "r.json").write_text(_json.dumps(meta))
     with pytest.raises(ValueError, match="disagree"):
         itd.Results.load(tmp_path / "r.json")
+
+
+def test_a_non_utf8_output_name_is_legal(spectrum, tmp_path):
+    import os as _os
+
+    folder = _os.fsdecode(_os.fsencode(str(tmp_path)) + b"/\xff\xfe")
+    out = _os.path.join(folder, "s.npz")
+    assert main(["spectrum", "--data", "digits", "--out", out, "--diagonal"]) == 0
+    assert _os.path.isfile(out)

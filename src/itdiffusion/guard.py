@@ -79,7 +79,7 @@ def _check_writable(out: Path, flag: str) -> None:
         name_max = os.pathconf(probe, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    longest = max([len(out.name.encode())] + [len(p.encode()) for p in out.parts[len(probe.parts):]])
+    longest = max([len(os.fsencode(out.name))] + [len(os.fsencode(p)) for p in out.parts[len(probe.parts):]])
     if longest + TEMP_EXTRA + len(".partial") > name_max:
         raise ValueError(f"{flag} {out}: the name is too long for this file system (at most "
                          f"{name_max - TEMP_EXTRA - len('.partial')} bytes leave room for temporary files)")
