@@ -8,6 +8,7 @@ reader either returns what was written or raises a one-line ValueError.
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ NUMBERS = st.one_of(
 # (command prefix, flag, a check that says whether the value is in the flag's documented range)
 def _integer(lo: int, hi: int):
     """Integer flags take integers written as integers ('10', not '10.' or '1e1')."""
-    return lambda v: v.lstrip("-").isdigit() and lo <= int(v) <= hi
+    return lambda v: re.fullmatch(r"[+-]?[0-9]+", v) is not None and lo <= int(v) <= hi
 
 
 FLAGS = [
