@@ -21,7 +21,8 @@ from itdiffusion import fileio
 from itdiffusion.cli import main
 from itdiffusion.denoisers import load_state_dict
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+FAST = settings(max_examples=60, deadline=None, derandomize=True,  # the same cases every run: CI never flakes
+                 suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.function_scoped_fixture])
 
 NUMBERS = st.one_of(
