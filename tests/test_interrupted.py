@@ -8,6 +8,9 @@ files on disk must load (they are written to a temporary name and renamed).  The
 is then run again with ``--resume`` (or without it, for ``eval``, whose default is to
 continue) until it completes; the final weights, optimizer state, history and results must
 equal an uninterrupted run's bit for bit, and no temporary file may be left behind.
+The fine-tuning run keeps an EMA of its weights, accumulates gradients over two passes and
+logs to a folder: the EMA weights must match too, and the resumed log hold every step once
+with the uninterrupted run's values (the CSV byte for byte).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from itdiffusion import Results
 from itdiffusion.training.checkpoint import load_checkpoint
+from itdiffusion.training.runlog import tensorboard_available
 from itdiffusion.cli import main
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -88,6 +92,14 @@ def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
 
 
+def _tensorboard_losses(folder: Path) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+
+
 def _history(run: Path) -> list[dict]:
     rows = json.loads((run / "history.json").read_text())
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -108,7 +120,8 @@ def test_killed_finetune_and_eval_resume_to_identical_results(spectrum, tmp_path
     # ---------------------------------------------------------------- finetune
     def finetune_args(out: Path) -> list[str]:
         return ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum),
-                "--out", str(out), "--epochs", "10", "--limit", "96", "--batch-size", "16", "--lr", "2e-3",
+                "--out", str(out), "--epochs", "10", "--limit", "96", "--batch-size", "16", "--grad-accum", "2",
+                "--ema", "0.9", "--log-dir", str(out / "logs"), "--lr", "2e-3",
                 "--grad-clip", "1", "--test-data", "digits", "--test-examples", "8", "--test-points", "4",
                 "--quiet", "--device", "cpu"]
 
@@ -138,12 +151,20 @@ def test_killed_finetune_and_eval_resume_to_identical_results(spectrum, tmp_path
     assert a.model_state.keys() == b.model_state.keys()
     for key in a.model_state:
         assert torch.equal(a.model_state[key], b.model_state[key]), key
+    assert a.ema_state is not None and a.ema_state.keys() == b.ema_state.keys()
+    for key in a.ema_state:
+        assert torch.equal(a.ema_state[key], b.ema_state[key]), key
     for pid, slots in a.optimizer_state["state"].items():
         for key, value in slots.items():
             other = b.optimizer_state["state"][pid][key]
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (pid, key)
     assert _history(run) == _history(reference)
     assert json.loads((run / "run.json").read_text())["epochs_done"] == 10
+    log = (run / "logs" / "log.csv").read_text()
+    assert log == (reference / "logs" / "log.csv").read_text()
+    assert [int(line.split(",")[0]) for line in log.splitlines()[1:]] == list(range(1, 10 * 3 + 1))
+    if tensorboard_available():  # each resumed run's event file purges the steps its predecessor logged after
+        assert _tensorboard_losses(run / "logs") == _tensorboard_losses(reference / "logs")
     assert _temps(run) == []
 
     # ---------------------------------------------------------------- eval

@@ -148,7 +148,7 @@ def test_killed_eval_resumes_with_the_same_command(pipeline, capsys):
     assert 0 < n_saved < 40
     capsys.readouterr()
     assert main(args) == 0  # the same command again
-    assert f"resuming after {n_saved} images" in capsys.readouterr().out
+    assert f"resuming after {n_saved} images" in capsys.readouterr().err  # the status line, on stderr
     assert out.exists() and not partial.exists()
     reference = root / "uninterrupted.json"
     assert main(args[:6] + [str(reference)] + args[7:]) == 0
@@ -270,7 +270,7 @@ def test_two_process_finetune_writes_one_run_equal_to_one_process(pipeline, tmp_
     gradient all-reduce): the losses agree to ~1e-9, the weights to ~1e-7 in relative norm, but
     single weights can differ by up to ~10% of one Adam step (Adam divides by the root of the
     squared gradients, which amplifies rounding where a gradient nearly cancels), so the runs
-    are not bit-identical (see README, Guarantees).
+    are not bit-identical (see docs/guarantees.md, Determinism).
     """
     spectrum = pipeline["spectrum"]
     args = ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--epochs", "2",
@@ -298,6 +298,36 @@ def test_two_process_finetune_writes_one_run_equal_to_one_process(pipeline, tmp_
     diff = sum(float((wa.model_state[k].double() - wb.model_state[k].double()).square().sum()) for k in keys)
     norm = sum(float(wa.model_state[k].double().square().sum()) for k in keys)
     assert math.sqrt(diff / norm) < 1e-5  # measured 1.3e-7; with noise drawn per process (before) 4.7e-3
+
+
+@pytest.mark.slow  # about 20 s: torchrun starts two processes
+def test_two_process_finetune_with_grad_accum_and_ema_equals_one_process(pipeline, tmp_path):
+    """Passes of 2 x 15 images per step on 2 processes (4 shares; the last batch of 6 splits 2/2/1/1):
+    the same steps, losses and (EMA) weights as one process, to the order of floating-point sums."""
+    from itdiffusion.training.checkpoint import load_checkpoint
+
+    args = ["finetune", "--model", "small-unet", "--data", "digits", "--spectrum", str(pipeline["spectrum"]),
+            "--epochs", "2", "--limit", "96", "--batch-size", "15", "--grad-accum", "2", "--ema", "0.9",
+            "--dequantize", "--test-data", "digits", "--test-examples", "16", "--test-points", "8", "--quiet",
+            "--device", "cpu"]
+    out, one = tmp_path / "ddp", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "itdiffusion.cli", *args, "--out", str(out), "--log-dir", str(out / "logs")]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--out", str(one), "--log-dir", str(one / "logs")]) == 0
+    rows = [(out / "logs" / "log.csv").read_text().splitlines(), (one / "logs" / "log.csv").read_text().splitlines()]
+    assert len(rows[0]) == len(rows[1]) == 1 + 2 * 4
+    for a, b in zip(*(r[1:] for r in rows)):
+        a, b = a.split(","), b.split(",")
+        assert a[:2] == b[:2] and float(a[2]) == pytest.approx(float(b[2]), rel=1e-5, abs=1e-5)
+    wa, wb = load_checkpoint(one / "checkpoint.safetensors"), load_checkpoint(out / "checkpoint.safetensors")
+    for state in ("model_state", "ema_state"):
+        a, b = getattr(wa, state), getattr(wb, state)
+        keys = [k for k, v in a.items() if v.is_floating_point()]
+        diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in keys)
+        norm = sum(float(a[k].double().square().sum()) for k in keys)
+        assert math.sqrt(diff / norm) < 1e-5, state  # measured 6e-8 (raw) and 5e-8 (EMA)
 
 
 def test_spectrum_command(tmp_path, capsys):

@@ -142,5 +142,105 @@ def test_interrupted_eval_says_so_once(spectrum, tmp_path, capsys, monkeypatch):
     code = main(["eval", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--points", "4",
                  "--limit", "4", "--no-tune", "--out", str(out), *CPU])
     err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if " images x 4 calls" not in line]  # the status line printed before the run
     assert code == 130 and len(err) == 1 and "progress saved in" in err[0] and "r.partial" in err[0], err
     assert not out.exists()
+
+
+# --- the second independent red-team pass (stop 22)
+
+def test_report_never_replaces_a_report_silently(spectrum, tmp_path, capsys):
+    res = tmp_path / "r.json"
+    assert main(["eval", "--model", "small-unet", "--data", "digits", "--spectrum", str(spectrum), "--points", "4",
+                 "--limit", "4", "--no-tune", "--out", str(res), *CPU]) == 0
+    mine = tmp_path / "table.md"
+    mine.write_text("my own notes")
+    _fails(["report", str(res), "--out", str(tmp_path)], capsys, "pass --overwrite")
+    assert mine.read_text() == "my own notes"
+    assert main(["report", str(res), "--out", str(tmp_path / "rep")]) == 0
+    _fails(["report", str(res), "--names", "other", "--out", str(tmp_path / "rep")], capsys, "already holds table.md")
+
+
+def test_demo_never_writes_into_a_folder_holding_files(tmp_path, capsys, monkeypatch):
+    from itdiffusion.cli.demo import claim_out
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.safetensors").write_bytes(b"someone's weights")
+    _fails(["demo", "--quick", "--quiet", "--dataset", "moons", "--out", str(run)], capsys, "pass --overwrite")
+    assert (run / "checkpoint.safetensors").read_bytes() == b"someone's weights"
+    default = tmp_path / "runs" / "demo-moons"
+    assert claim_out(None, default, False) == default
+    default.mkdir(parents=True)
+    (default / "metrics.json").write_text("{}")
+    assert claim_out(None, default, False) == default.with_name("demo-moons-2")  # the first free name
+
+
+def test_eval_holds_the_lock_of_its_npz(tmp_path):
+    from itdiffusion.guard import OutputLock, OutputLocks
+
+    out = tmp_path / "R.json"
+    with OutputLocks([out, out.with_suffix(".npz")]):
+        with pytest.raises(ValueError, match="another itd run is writing it"):
+            OutputLock(tmp_path / "R.npz").acquire()  # e.g. itd spectrum --out R.npz --overwrite
+    OutputLock(tmp_path / "R.npz").acquire().release()  # released with the run
+
+
+def test_results_save_refuses_an_npz_name(tmp_path):
+    import torch
+
+    import itdiffusion as itd
+    from conftest import make_mixture
+
+    mix = make_mixture(2)
+    gen = torch.Generator().manual_seed(0)
+    res = itd.evaluate(itd.ITDiffusion(mix, itd.GaussianSpectrum.from_data(mix.sample(200, gen))),
+                       [mix.sample(4, gen)], n_points=4)
+    with pytest.raises(ValueError, match="give the results' .json name"):
+        res.save(tmp_path / "x.npz")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("seed", [-5, 2**63, 1.5, True])
+def test_nll_refuses_seeds_the_cli_refuses(seed):
+    import torch
+
+    import itdiffusion as itd
+    from conftest import make_mixture
+
+    mix = make_mixture(2)
+    model = itd.ITDiffusion(mix, itd.GaussianSpectrum.from_data(mix.sample(200, torch.Generator().manual_seed(0))))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        model.nll(mix.sample(3, torch.Generator().manual_seed(1)), 8, seed=seed)
+    with pytest.raises(ValueError, match="meta device"):
+        model.nll(torch.empty(3, 2, dtype=torch.float64, device="meta"), 8, seed=0)
+
+
+def test_results_json_edited_apart_from_its_npz_is_refused(tmp_path):
+    import json as _json
+
+    import torch
+
+    import itdiffusion as itd
+    from conftest import make_mixture
+
+    mix = make_mixture(2)
+    gen = torch.Generator().manual_seed(0)
+    res = itd.evaluate(itd.ITDiffusion(mix, itd.GaussianSpectrum.from_data(mix.sample(200, gen))),
+                       [mix.sample(4, gen)], n_points=4)
+    res.save(tmp_path / "r.json")
+    itd.Results.load(tmp_path / "r.json")  # the pair as written
+    meta = _json.loads((tmp_path / "r.json").read_text())
+    meta["n_examples"] = 999
+    (tmp_path / "r.json").write_text(_json.dumps(meta))
+    with pytest.raises(ValueError, match="disagree"):
+        itd.Results.load(tmp_path / "r.json")
+
+
+def test_a_non_utf8_output_name_is_legal(spectrum, tmp_path):
+    import os as _os
+
+    folder = _os.fsdecode(_os.fsencode(str(tmp_path)) + b"/\xff\xfe")
+    out = _os.path.join(folder, "s.npz")
+    assert main(["spectrum", "--data", "digits", "--out", out, "--diagonal"]) == 0
+    assert _os.path.isfile(out)

@@ -61,3 +61,21 @@ def test_a_source_with_nan_rows_is_refused_when_read():
     bad = ImageSource(lambda i: torch.full((len(i), *SHAPE), float("nan")), 10, SHAPE, None, "nan source")
     with pytest.raises(ValueError, match="NaN"):
         _read_batch(bad, torch.arange(3))
+
+
+def test_workers_read_ahead_without_changing_the_weights(tmp_path):
+    """Batches decoded by DataLoader workers are the batches the main process would read: same weights."""
+    import itdiffusion as itd
+    from itdiffusion.training.train import TrainConfig, train
+
+    data = lazy_digits(600)
+    spectrum = itd.GaussianSpectrum.from_batches(data.chunks(600), diagonal=True)
+    weights = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.Unflatten(1, SHAPE))
+        model = itd.ITDiffusion(lambda z, a, net=net: net(z), spectrum)
+        model.net = net
+        train(model, data, TrainConfig(epochs=2, batch_size=64, lr=1e-3), progress=False, workers=workers)
+        weights.append([p.detach().clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

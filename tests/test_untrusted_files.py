@@ -465,6 +465,8 @@ WRITE_ALLOWED = {
     ("fileio.py", "save_npz_atomic", "np.savez"): "writes into write_atomic's temporary file handle",
     ("plots.py", "save_figure", "fig.savefig"): "renders into an in-memory buffer, then write_atomic",
     ("guard.py", "acquire", "os.open"): "the run's lock file beside its output (holds only a process id)",
+    ("runlog.py", "__init__", "open"): "the training log's append-only CSV (first rewritten atomically to the rows "
+                                        "of the checkpoint's epochs; a last line cut by a kill is dropped on resume)",
 }
 # Calls that write a file when given a path (checked unless allow-listed above).
 WRITING_CALLS = {

@@ -79,7 +79,7 @@ def _check_writable(out: Path, flag: str) -> None:
         name_max = os.pathconf(probe, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    longest = max([len(out.name.encode())] + [len(p.encode()) for p in out.parts[len(probe.parts):]])
+    longest = max([len(os.fsencode(out.name))] + [len(os.fsencode(p)) for p in out.parts[len(probe.parts):]])
     if longest + TEMP_EXTRA + len(".partial") > name_max:
         raise ValueError(f"{flag} {out}: the name is too long for this file system (at most "
                          f"{name_max - TEMP_EXTRA - len('.partial')} bytes leave room for temporary files)")
@@ -127,6 +127,35 @@ class OutputLock:
             self._fd = None
 
     def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class OutputLocks:
+    """:class:`OutputLock` on each of several outputs (in a fixed order, so two runs cannot deadlock),
+    all or none: a run that writes ``R.json`` and ``R.npz`` holds both."""
+
+    def __init__(self, paths, flag: str = "--out"):
+        self.locks = [OutputLock(p, flag) for p in sorted({Path(p) for p in paths}, key=str)]
+
+    def acquire(self) -> "OutputLocks":
+        held = []
+        try:
+            for lock in self.locks:
+                held.append(lock.acquire())
+        except BaseException:
+            for lock in held:
+                lock.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+    def __enter__(self) -> "OutputLocks":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +27,7 @@ DEFAULT_TRAIN_CLIP = 10.0  # same, for the stochastic training objective
 def default_antithetic(discrete: DiscreteGrid | None) -> bool:
     """Whether to group calls antithetically by default.
 
-    Measured with exact denoisers (``benchmarks/estimator.py`` and the notes in the README):
+    Measured with exact denoisers (``benchmarks/estimator.py`` and docs/estimator.md):
     for continuous data the noise dominates the variance and antithetic groups cut the
     per-sample RMSE 2-3x at d >= 64; for discrete data the sharp drop of the error curve
     dominates, and four times as many distinct log-SNR points is better (RMSE ~2x lower).
@@ -180,6 +181,8 @@ class ITDiffusion(nn.Module):
             raise ValueError(
                 f"{name} has shape {tuple(x.shape)} but the spectrum is for examples of shape {self.shape}"
             )
+        if x.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (no values); move it to the model's device")
         if len(x) == 0:
             raise ValueError(f"{name} has no examples")
         if not bool(torch.isfinite(x).all()):
@@ -309,7 +312,7 @@ class ITDiffusion(nn.Module):
         estimator = self.estimator(n_points, discrete=discrete, rounding=rounding, clamp=clamp, placement=placement,
                                    clip=clip, antithetic=antithetic, batch_size=batch_size, tuned=tuned)
         self.check_data(x, discrete)
-        seed = seed_from(generator) if seed is None else int(seed)
+        seed = seed_from(generator) if seed is None else _check_seed(seed)
         return estimator.nll(self, self.spectrum, x, seed=seed, y=y)
 
     # ----------------------------------------------------------------- conditional uses and maps
@@ -317,7 +320,7 @@ class ITDiffusion(nn.Module):
         """The estimator of ``options`` (the keywords of :meth:`estimator`) and the run seed, data checked."""
         estimator = self.estimator(n_points, **options)
         self.check_data(x, options.get("discrete"))
-        return estimator, seed_from(generator) if seed is None else int(seed)
+        return estimator, seed_from(generator) if seed is None else _check_seed(seed)
 
     def mi(self, x: torch.Tensor, y, n_points: int = 256, *, seed: int | None = None,
            generator: torch.Generator | None = None, return_se: bool = False, **options):
@@ -373,3 +376,10 @@ class ITDiffusion(nn.Module):
 
         estimator, seed = self._prepared(x, n_points, seed, generator, options)
         return mi_map(self, x, self.condition(y, x), estimator, seed=seed)
+
+
+def _check_seed(seed) -> int:
+    """A run seed: an integer in 0 .. 2^63 - 1 (what the CLI's --seed accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be an integer in 0 .. 2^63 - 1, got {seed!r}")
+    return int(seed)

@@ -23,7 +23,7 @@ Kong, Brekelmans & Ver Steeg's evaluation code (``utilsitd/diffusionmodel.py::te
   the estimate over ``GROUPS`` disjoint groups of the (independent) points, at fixed images.
 
 The published code draws fresh noise for each of its three calls per image and point; here the
-raw and the rounded errors come from one call (same expectation, see README).
+raw and the rounded errors come from one call (same expectation, see docs/performance.md).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ diffusers model or pipeline folder, or a Hub repo id.
   parametrisation (:func:`itdiffusion.denoisers.denoiser_for_scheduler`); a folder without
   one is refused, unless a registry name is given with it (``--model NAME --weights FOLDER``,
   the registry's schedule then; a folder whose own schedule disagrees with it is refused);
-* a run directory written by ``itd finetune`` (its last ``checkpoint.safetensors``), or
-  such a checkpoint file.
+* a run directory written by ``itd finetune`` (its last ``checkpoint.safetensors``; the EMA
+  weights of a run trained with ``--ema``), or such a checkpoint file.
 
 A run's checkpoint carries, in ``meta["model"]``, a *model description*: JSON from which
 the architecture is rebuilt before its weights are loaded (:func:`describe_registry`,
@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fileio as _io
 from .core.grid import DiscreteGrid
 from .core.spectrum import GaussianSpectrum
 
@@ -357,10 +358,12 @@ def load_run(path) -> LoadedModel:
         path = path / RUN_CHECKPOINT
     ckpt = load_checkpoint(path)
     description = ckpt.meta.get("model")
-    state = {k[len(_DENOISER_PREFIX):]: v for k, v in ckpt.model_state.items() if k.startswith(_DENOISER_PREFIX)}
+    # a run trained with --ema is evaluated with its averaged weights
+    state = {k[len(_DENOISER_PREFIX):]: v for k, v in ckpt.weights().items() if k.startswith(_DENOISER_PREFIX)}
     denoiser = build_architecture(description, _residual_spectrum(state, description))
     load_into(denoiser, state, source=str(path))
-    label = f"{description.get('label', description['kind'])} ({path.parent.name}, epoch {ckpt.epoch})"
+    ema = ", EMA" if ckpt.ema_state else ""
+    label = f"{description.get('label', description['kind'])} ({path.parent.name}, epoch {ckpt.epoch}{ema})"
     return LoadedModel(denoiser, description, label, tuple(description["shape"]),
                        _grid_from_json(description.get("grid")), epoch=ckpt.epoch, run=path.parent)
 

@@ -31,6 +31,25 @@ ESTIMATE_LABELS = {
     "dequantized_discrete": "Dequantized, discrete limit",
     "dequantized_discrete_gauss_min": "Dequantized, discrete limit, min with Gaussian",
 }
+_GAUSS_MIN_WORDS = (", the mean error at each log-SNR the lower of the model's and the Gaussian denoiser's "
+                    "(chosen on these data: slightly optimistic)")
+# What each row measures, in the paper's words (a column of the full table).
+ESTIMATE_MEANINGS = {
+    "continuous": "density of x as continuous data (on a grid: not comparable with published bits/dim, "
+                  "can be negative)",
+    "discrete": "upper bound on -log P(x) of the grid values, from the rounded denoiser error (Kong et al., "
+                "discrete estimator)",
+    "discrete_published_min": "the published code's discrete figure: per-point minimum of the mean raw and "
+                              "rounded curves",
+    "dequantized": "density of x + u, u uniform in the grid cell (density units: not comparable, see the "
+                   "discrete limit)",
+    "dequantized_discrete": "upper bound on -log P(x) by uniform dequantization: -log p(x+u) - d log(delta), "
+                            "the bits/dim that likelihood papers report",
+}
+ESTIMATE_MEANINGS.update({k + GAUSS_MIN: f"as '{ESTIMATE_LABELS[k]}'" + _GAUSS_MIN_WORDS
+                          for k in ("continuous", "discrete", "dequantized", "dequantized_discrete")})
+# The number to report, first found: comparable with the literature for data on a grid.
+HEADLINE = ("dequantized_discrete", "discrete", "continuous")
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,10 @@ class Term:
     def has_curves(self) -> bool:
         return self.integrand is not None and self.gauss is not None
 
+    def __repr__(self) -> str:  # the arrays' sizes, not their values
+        curves = "per-example curves" if self.has_curves else "no per-example curves"
+        return f"Term({len(self.nll_nats)} examples x {len(self.integrand_mean)} points, {curves})"
+
 
 @dataclass
 class Results:
@@ -126,6 +149,15 @@ class Results:
     def d(self) -> int:
         return int(np.prod(self.shape))
 
+    def __repr__(self) -> str:
+        """One line: what was measured and the headline estimates (no arrays)."""
+        estimates = self.estimates
+        shown = [k for k in ("continuous", "discrete", "dequantized_discrete") if k in estimates]
+        text = ", ".join(f"{k}={estimates[k].bpd:.4f}±{estimates[k].se_bpd:.4f}" for k in shown)
+        model = self.config.get("model")
+        return (f"Results({'' if model is None else repr(model) + ', '}{self.n_examples} examples of shape "
+                f"{tuple(self.shape)}, {len(self.logsnr)} points; bits/dim {text}; {len(estimates)} in .estimates)")
+
     # ----------------------------------------------------------------- estimates
     @property
     def estimates(self) -> dict[str, Estimate]:
@@ -155,6 +187,21 @@ class Results:
         curve = np.minimum(term.integrand_mean, term.gauss_mean) if gauss_min else term.integrand_mean
         nats = term.offset.mean() + term.shift + 0.5 * float((self.weights * curve).sum())
         return Estimate(float(nats), math.nan, self.d)
+
+    @property
+    def headline(self) -> str:
+        """The name of the estimate to report: on a grid the tightest plain upper bound on ``-log P(x)``
+        in order of ``HEADLINE`` (the dequantized one when measured), else the continuous ``-log p(x)``."""
+        estimates = self.estimates
+        return next(name for name in HEADLINE if name in estimates)
+
+    def headline_text(self) -> str:
+        """One line: the headline estimate in bits/dim with its standard error, its name and what it is."""
+        name = self.headline
+        est = self.estimates[name]
+        meaning = ESTIMATE_MEANINGS[name] if name != "continuous" else "-log p(x) of continuous data"
+        return (f"{est.bpd:.4f} ± {est.se_bpd:.4f} bits/dim ({est.nats:.4f} nats per example)  "
+                f"[estimates[{name!r}]: {meaning}; {self.n_examples} examples, {len(self.logsnr)} log-SNR points]")
 
     def __getitem__(self, name: str) -> Estimate:
         estimates = self.estimates
@@ -207,12 +254,14 @@ class Results:
         _io.write_atomic(path, lambda fh: fh.write(buffer.getvalue().encode()))
 
     # ----------------------------------------------------------------- tables
-    def to_markdown(self, title: str | None = None) -> str:
-        """The estimates as a Markdown table (nats and bits/dim with standard errors)."""
-        table = Table(["Estimate", "nats", "± se", "bits/dim", "± se"])
+    def to_markdown(self, title: str | None = None, meanings: bool = False) -> str:
+        """The estimates as a Markdown table (nats and bits/dim with standard errors; ``meanings=True``
+        adds a column saying what each row measures)."""
+        table = Table(["Estimate", "nats", "± se", "bits/dim", "± se"] + (["what it measures"] if meanings else []),
+                      left=(0, 5))
         for name, est in self.estimates.items():
             table.add([ESTIMATE_LABELS[name], f"{est.nats:.4f}", number(est.se_nats), f"{est.bpd:.4f}",
-                       number(est.se_bpd)])
+                       number(est.se_bpd)] + ([ESTIMATE_MEANINGS[name]] if meanings else []))
         return table.to_markdown(title)
 
     def to_latex(self, caption: str | None = None) -> str:
@@ -234,6 +283,9 @@ class Results:
         Both are written atomically and carry no pickle.
         """
         path = Path(path)
+        if path.suffix.lower() == ".npz":
+            raise ValueError(f"{path}: give the results' .json name; the arrays go beside it in "
+                             f"{path.with_suffix('.npz').name}")
         arrays = {"logsnr": self.logsnr, "weights": self.weights}
         arrays.update({f"curve/{k}": v for k, v in self.curves.items()})
         for name, term in self.terms.items():
@@ -250,6 +302,7 @@ class Results:
             "members": self.members,
             "shifts": {name: term.shift for name, term in self.terms.items()},
             "estimates": self.summary(),
+            "headline": self.headline,
         }
         if self.ids is not None:
             if len(self.ids) != self.n_examples:
@@ -269,6 +322,7 @@ class Results:
         path = Path(path)
         if not path.exists() and not _npz_path(path).exists():
             raise ValueError(f"{path}: no such file")
+        summary = None
         if path.suffix != ".npz" and path.exists():
             summary = _io.load_json(path)
             if summary.get("format") != FORMAT:
@@ -278,6 +332,9 @@ class Results:
                                  f"(this is version {VERSION})")
         arrays = _io.load_npz(_npz_path(path))
         meta = _io.read_meta(arrays, _npz_path(path), FORMAT, VERSION, older=(1,))
+        if summary is not None and summary != meta:  # both are written from one description
+            raise ValueError(f"{path} and {_npz_path(path).name} disagree (edited, or written by different runs); "
+                             "rerun itd eval or restore the pair")
         names = _V1_NAMES if meta["version"] == 1 else {}
         try:
             real = lambda key: _io.real_array(arrays, key)  # noqa: E731

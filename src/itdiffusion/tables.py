@@ -48,12 +48,13 @@ def with_se(value: float | None, se: float | None, digits: int = 4, latex: bool 
 class Table:
     """A table: a header, rows of cell strings, and rows after which a rule is drawn.
 
-    The first column is left-aligned (labels), the others right-aligned (numbers).
+    The columns in ``left`` (the first: labels) are left-aligned, the others right-aligned (numbers).
     """
 
     header: list[str]
     rows: list[list[str]] = field(default_factory=list)
     rules_after: set[int] = field(default_factory=set)
+    left: tuple[int, ...] = (0,)
 
     def add(self, cells: list[str], rule_before: bool = False) -> None:
         if len(cells) != len(self.header):
@@ -66,7 +67,7 @@ class Table:
         """GitHub Markdown; ``title`` above in bold."""
         lines = [f"**{title}**", ""] if title else []
         lines.append("| " + " | ".join(md_escape(h) for h in self.header) + " |")
-        lines.append("|---|" + "---:|" * (len(self.header) - 1))
+        lines.append("|" + "".join("---|" if i in self.left else "---:|" for i in range(len(self.header))))
         lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in self.rows]
         return "\n".join(lines) + "\n"
 
@@ -74,7 +75,8 @@ class Table:
         """A booktabs ``tabular`` (wrapped in a ``table`` with ``caption``); cells are escaped
         unless ``escape=False`` (cells that already hold LaTeX)."""
         esc = tex_escape if escape else str
-        body = [r"\begin{tabular}{l" + "r" * (len(self.header) - 1) + "}", r"\toprule",
+        align = "".join("l" if i in self.left else "r" for i in range(len(self.header)))
+        body = [r"\begin{tabular}{" + align + "}", r"\toprule",
                 " & ".join(esc(h) for h in self.header) + r" \\", r"\midrule"]
         for i, row in enumerate(self.rows):
             body.append(" & ".join(esc(c) for c in row) + r" \\")

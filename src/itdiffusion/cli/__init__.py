@@ -32,6 +32,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` once, and only where it says something.
+
+    Not for flags (``store_true``/``store_false``: the help says what they switch), an unset
+    default (``None``), or a help text that already names its default.
+    """
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or isinstance(default, bool) or default == argparse.SUPPRESS or default == []
+        if unset or "default" in text or action.nargs == 0:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="itd", description="Exact log-likelihoods of diffusion models (Information-Theoretic Diffusion)."
@@ -47,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # subcommand not built yet
         module.add_parser(sub)
+    for command in sub.choices.values():  # one help style for every command (defaults shown once)
+        command.formatter_class = HelpFormatter
     return parser
 
 
@@ -58,6 +78,11 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for token in argv:  # argparse drops a '--' value and hands the option an empty list
+        if token.startswith("--") and token.endswith("=--"):
+            print(f"itd: error: argument {token[:-3]}: expected a value, got '--'", file=sys.stderr)
+            return 2
     try:
         args, extra = parser.parse_known_args(argv)
     except SystemExit as stop:  # --help, --version, or a bad argument (already printed on one line)

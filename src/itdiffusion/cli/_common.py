@@ -62,6 +62,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def unit_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (an EMA decay)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
+    return value
+
+
 CLIP_RANGE = (1.0, 700.0)  # logistic scales: below 1 the integral is mostly the Gaussian's; 700 is MAX_CLIP
 
 
@@ -82,6 +93,15 @@ def add_model_args(p) -> None:
                    "(the registry's schedule; a folder whose own scheduler config disagrees is refused)")
     p.add_argument("--class-label", type=int, help="class-conditional diffusers models: evaluate -log p(x | y) "
                    "at this class")
+
+
+def learning_rate(text: str) -> float:
+    """``--lr``: in (0, 1]; Adam's steps are about the learning rate in size, so above 1 weights blow up."""
+    value = positive_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1], got {text!r} (Adam moves every "
+                                         "weight by about the learning rate per step: above 1 training diverges)")
+    return value
 
 
 def precheck_hub(spec: str | None) -> None:
@@ -110,9 +130,12 @@ def add_workers_arg(p) -> None:
                    "files ahead of use (default: 0, in the main process; the numbers do not depend on it)")
 
 
-def add_device_arg(p) -> None:
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu; "
-                   "under torchrun each process takes cuda:LOCAL_RANK)")
+def add_device_arg(p, workers: bool = False, distributed: bool = True) -> None:
+    """``--device`` (and ``--workers`` when ``workers``; ``distributed``: the help mentions torchrun)."""
+    if workers:
+        add_workers_arg(p)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu"
+                   + ("; under torchrun each process takes cuda:LOCAL_RANK)" if distributed else ")"))
 
 
 def start_world(args):

@@ -50,16 +50,18 @@ def outputs(out: str, suffixes: tuple[str, ...], figure: tuple[str, ...] = (".pn
     return {s: path if s == path.suffix.lower() else path.with_suffix(s) for s in (path.suffix.lower(), *suffixes)}
 
 
-def check_free(paths, args) -> None:
+def check_free(paths, args):
     """Refuse outputs that exist (without ``--overwrite``), that would replace an input (the spectrum,
-    the data, the model), or that cannot be written: the one output guard of every command."""
-    from ..guard import check_outputs
+    the data, the model), or that cannot be written: the one output guard of every command.  Returns
+    the outputs' locks, to hold in a with-statement (a second run on the same outputs is then refused)."""
+    from ..guard import OutputLocks, check_outputs
 
     paths = list(paths)
     for path in paths:
         if path.exists() and not args.overwrite:
             raise ValueError(f"{path} exists; pass --overwrite to replace it")
     check_outputs(paths, [args.data, args.spectrum, args.model, getattr(args, "weights", None)])
+    return OutputLocks(paths)  # acquired by the caller's with-statement
 
 
 def load_data(args, labelled: str = "auto"):

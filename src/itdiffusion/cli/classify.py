@@ -35,37 +35,37 @@ def run(args) -> int:
     from ._conditional import check_free, outputs, setup
 
     paths = outputs(args.out, (".npz", ".png"), figure=(".json",))
-    check_free(paths.values(), args)
-    if args.early_drop is not None and not 0 < args.early_drop < float("inf"):
-        raise ValueError(f"--early-drop must be a positive number of standard errors, got {args.early_drop}")
-    s = setup(args, labelled="yes")
-    candidates = network_labels(s.data.classes).tolist()
-    x = s.data.x.to(s.device)
-    scores, calls = s.model.classify(x, candidates, args.points, seed=args.seed, early_drop=args.early_drop,
-                                     rounds=args.rounds, return_calls=True, **s.options)
-    scores, truth = scores.cpu(), s.data.labels
-    predicted = scores.argmax(1)
-    k = len(candidates)
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    confusion.index_put_((truth, predicted), torch.ones_like(truth), accumulate=True)
-    accuracy = float((predicted == truth).double().mean())
-    full = len(x) * k * args.points
-    used = int(calls.sum())
-    _io.save_npz_atomic(paths[".npz"], {"scores": scores.numpy(), "labels": truth.numpy(), "calls": calls.numpy()})
-    _io.save_json_atomic(paths[".json"], {
-        "model": s.label, "data": args.data, "images": len(x), "classes": list(s.data.classes),
-        "points": args.points, "seed": args.seed, "early_drop": args.early_drop, "accuracy": accuracy,
-        "confusion": confusion.tolist(), "calls": used, "calls_without_dropping": full,
-        "calls_saved": 1 - used / full})
-    plot_confusion(confusion.numpy(), s.data.classes, paths[".png"],
-                   title=f"{s.label}: zero-shot accuracy {accuracy:.1%}")
-    print(f"{s.label} on {s.data.source}: zero-shot accuracy {accuracy:.1%} over {len(x)} images, {k} classes")
-    print("confusion (rows: true, columns: predicted):")
-    width = max(3, max(len(c) for c in s.data.classes))
-    print(" " * (width + 1) + " ".join(f"{c:>{width}}" for c in s.data.classes))
-    for name, row in zip(s.data.classes, confusion.tolist()):
-        print(f"{name:>{width}} " + " ".join(f"{v:>{width}}" for v in row))
-    if args.early_drop is not None:
-        print(f"early dropping: {used} of {full} calls ({1 - used / full:.1%} saved)")
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    with check_free(paths.values(), args):  # held until every output is written
+        if args.early_drop is not None and not 0 < args.early_drop < float("inf"):
+            raise ValueError(f"--early-drop must be a positive number of standard errors, got {args.early_drop}")
+        s = setup(args, labelled="yes")
+        candidates = network_labels(s.data.classes).tolist()
+        x = s.data.x.to(s.device)
+        scores, calls = s.model.classify(x, candidates, args.points, seed=args.seed, early_drop=args.early_drop,
+                                         rounds=args.rounds, return_calls=True, **s.options)
+        scores, truth = scores.cpu(), s.data.labels
+        predicted = scores.argmax(1)
+        k = len(candidates)
+        confusion = torch.zeros(k, k, dtype=torch.long)
+        confusion.index_put_((truth, predicted), torch.ones_like(truth), accumulate=True)
+        accuracy = float((predicted == truth).double().mean())
+        full = len(x) * k * args.points
+        used = int(calls.sum())
+        _io.save_npz_atomic(paths[".npz"], {"scores": scores.numpy(), "labels": truth.numpy(), "calls": calls.numpy()})
+        _io.save_json_atomic(paths[".json"], {
+            "model": s.label, "data": args.data, "images": len(x), "classes": list(s.data.classes),
+            "points": args.points, "seed": args.seed, "early_drop": args.early_drop, "accuracy": accuracy,
+            "confusion": confusion.tolist(), "calls": used, "calls_without_dropping": full,
+            "calls_saved": 1 - used / full})
+        plot_confusion(confusion.numpy(), s.data.classes, paths[".png"],
+                       title=f"{s.label}: zero-shot accuracy {accuracy:.1%}")
+        print(f"{s.label} on {s.data.source}: zero-shot accuracy {accuracy:.1%} over {len(x)} images, {k} classes")
+        print("confusion (rows: true, columns: predicted):")
+        width = max(3, max(len(c) for c in s.data.classes))
+        print(" " * (width + 1) + " ".join(f"{c:>{width}}" for c in s.data.classes))
+        for name, row in zip(s.data.classes, confusion.tolist()):
+            print(f"{name:>{width}} " + " ".join(f"{v:>{width}}" for v in row))
+        if args.early_drop is not None:
+            print(f"early dropping: {used} of {full} calls ({1 - used / full:.1%} saved)")
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        return 0

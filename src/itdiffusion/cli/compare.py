@@ -4,7 +4,7 @@ Examples::
 
     itd compare --model gmm-exact --data sample:200 --dim 64 --methods it,vlb,vlb-ct,ode
     itd compare --model iddpm-cifar10-vlb --weights cifar10_uncond_vlb_50M_500K.pt \\
-        --data test_images.npy --limit 16 --methods it,vlb --out results/compare.json
+        --data test_images.npy --limit 16 --methods it,vlb --points 256 --out results/compare.json
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from . import UsageError
-from ._common import DATA_HELP, MODEL_HELP
+from ._common import DATA_HELP, MODEL_HELP, add_device_arg
 
 GMM = "gmm-exact"
 SAMPLE_PREFIX = "sample:"
@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mixture-seed", type=int, default=0, help=f"seed that defines the {GMM} mixture")
     p.add_argument("--spectrum", help="GaussianSpectrum .npz of the data (default: computed from the data, and "
                    "with --out saved beside it as OUT.spectrum.npz; any Gaussian reference gives a valid estimate)")
-    p.add_argument("--points", "--n-points", dest="n_points", type=int, default=256,
+    p.add_argument("--points", "--n-points", dest="n_points", metavar="POINTS", type=int, default=256,
                    help="IT and continuous-time bound: calls per example (itd eval's --points)")
     p.add_argument("--vlb-steps", type=int, default=None,
                    help="discrete-time bound: steps of the default schedule (models without their own)")
@@ -59,7 +59,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--probes", type=int, default=1, help="ODE: Hutchinson probes per example")
     p.add_argument("--seed", type=int, default=0, help="seed of every method's noise")
     p.add_argument("--batch-size", type=int, help="(example, point) pairs per network call")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu, as itd eval)")
+    add_device_arg(p, distributed=False)
     p.add_argument("--threads", type=int,
                    help=f"torch CPU threads (default: 1 for {GMM}, whose tensors are small, else torch's default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .md)")
@@ -209,7 +209,7 @@ def run(args) -> int:
     _check_numbers(args)
     from ..training.distributed import check_device
 
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # as itd eval
     lock = _guard_outputs(args) if args.out else None
     try:
         threads = args.threads or (1 if args.model == GMM else None)
@@ -248,7 +248,8 @@ def _check_numbers(args) -> None:
     for name, top in most.items():
         value = getattr(args, name)
         if value is not None and not 1 <= value <= top:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer of at most {top:,}, got {value}")
+            flag = "--points (--n-points)" if name == "n_points" else f"--{name.replace('_', '-')}"
+            raise UsageError(f"{flag} must be a positive integer of at most {top:,}, got {value}")
     if not (MIN_TOL <= args.tol <= 1.0):
         raise UsageError(f"--tol must lie in {MIN_TOL:g} .. 1, got {args.tol}")
     if not 0 <= args.seed < 2**63 or not 0 <= args.mixture_seed < 2**63:
@@ -257,7 +258,7 @@ def _check_numbers(args) -> None:
 
 def _guard_outputs(args):
     """Refuse an --out (or the Markdown beside it) that would replace an input; hold its lock."""
-    from ..guard import OutputLock, check_outputs
+    from ..guard import OutputLocks, check_outputs
 
     out = Path(args.out)
     computes = not args.spectrum and args.model != GMM  # a computed Gaussian reference is saved beside OUT
@@ -266,4 +267,4 @@ def _guard_outputs(args):
     for path in written:
         if path.exists() and not args.overwrite:
             raise ValueError(f"{path} exists; pass --overwrite to replace it")
-    return OutputLock(out).acquire()
+    return OutputLocks([out, out.with_suffix(".md")]).acquire()

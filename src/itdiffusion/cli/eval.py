@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, add_device_arg, add_model_args, add_workers_arg,
+from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, add_device_arg, add_model_args,
                       clip_scales, int_up_to, positive_int, seed_int)
 
 CHECKPOINT_EVERY = 300.0  # seconds between saves of partial progress
@@ -80,9 +80,10 @@ def _add_run_args(p) -> None:
     p.add_argument("--pilot-data", help="pilot images for tuning (default: the training split of --data)")
     p.add_argument("--pilot-calls", type=positive_int, help="the pilot's budget of network calls (default: 5%% of "
                    "the evaluation's, at most the calls of 64 images)")
-    add_device_arg(p)
-    add_workers_arg(p)
+    add_device_arg(p, workers=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--all", action="store_true", help="print every estimate (continuous, discrete, dequantized, "
+                   "Gaussian-clamped) below the headline, each with what it measures")
 
 
 def progress_path(out: Path, world=None) -> Path:
@@ -152,9 +153,9 @@ def run(args) -> int:
 
 def _guard_outputs(args, out: Path):
     """Hold the output lock (the outputs were checked against the inputs by ``_check_args``)."""
-    from ..guard import OutputLock
+    from ..guard import OutputLocks
 
-    return OutputLock(out).acquire()
+    return OutputLocks([out, out.with_suffix(".npz")]).acquire()
 
 
 def _setup(args, world, device):
@@ -237,7 +238,6 @@ def _evaluate(args, out: Path, world, device) -> int:
     from ..training.distributed import barrier
     from .. import fileio as _io
     from ..evalstate import ProgressStore
-    from ._common import say
 
     data, loaded, evaluator, batches, identity = _setup(args, world, device)
     partial = progress_path(out)
@@ -254,9 +254,10 @@ def _evaluate(args, out: Path, world, device) -> int:
         raise ValueError(f"{err} (or pass --fresh)") from None
     n_shard = batches.n_images
     done = evaluator.done_in(evaluator.index_offset, evaluator.index_offset + n_shard)
-    say(world, f"{loaded.label} on {data.source}: {len(data)} images x {args.points} calls"
-        f"{' x 2 (dequantized)' if args.dequantize else ''}, {world.size} process(es) on {device.type}"
-        + (f"; resuming after {done} images" if done else ""))
+    if world.is_main:  # status on stderr: stdout is the results, the headline first
+        print(f"{loaded.label} on {data.source}: {len(data)} images x {args.points} calls"
+              f"{' x 2 (dequantized)' if args.dequantize else ''}, {world.size} process(es) on {device.type}"
+              + (f"; resuming after {done} images" if done else ""), file=sys.stderr, flush=True)
     bar = tqdm(total=n_shard, initial=done, unit="img", desc="eval", dynamic_ncols=True, smoothing=0.05,
                disable=args.quiet or not world.is_main, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     began = time.perf_counter()
@@ -299,16 +300,26 @@ def _write_results(args, out: Path, evaluator, partial: Path, identity, loaded, 
         "model": args.label or loaded.label, "model_arg": args.model, "weights": args.weights, "data": args.data,
         "spectrum": spectrum, "spectrum_computed_from": computed_from, "processes": world.size, "seconds": time.perf_counter() - began,
         "run": None if loaded.run is None else str(loaded.run), "dtype": args.dtype,
-        "pilot": evaluator.pilot_report,
+        "pilot": evaluator.pilot_report, "limit": args.limit, "data_sha256": identity["data"],
     })
     results.save(out)
     if args.per_image:
         results.write_per_example_csv(args.per_image)
-    print(results.to_markdown(f"{results.config['model']} on {data.source}"), end="")
+    print(headline(results, args.all, f"{results.config['model']} on {data.source}"), end="")
     if evaluator.pilot_report:
         print(f"pilot (apart from the evaluation): {evaluator.pilot_report}")
     written = _outputs(args, out)
     print(f"wrote {', '.join(str(p) for p in written[:-1])} and {written[-1]}")
+
+
+def headline(results, full: bool, title: str) -> str:
+    """What ``itd eval`` prints: the one number to report first, then (``--all``) every estimate."""
+    text = f"headline: {results.headline_text()}\n"
+    others = len(results.estimates) - 1
+    if not full:
+        return text + f"({others} more estimates in the results file: --all prints them, itd report tabulates)\n"
+    return text + "\nAll estimates (secondary; the headline is the row to compare with published bits/dim):\n" + \
+        results.to_markdown(title, meanings=True)
 
 
 def _interrupt(signum, frame):

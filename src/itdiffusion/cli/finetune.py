@@ -6,8 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, MAX_EPOCHS, add_device_arg, add_model_args, int_up_to,
-                      clip_scales, positive_float, positive_int, seed_int)
+from ._common import (DATA_HELP, MAX_BATCH, MAX_CALLS, MAX_EPOCHS, add_device_arg, add_model_args,
+                      clip_scales, int_up_to, learning_rate, positive_float, positive_int, seed_int, unit_fraction)
 
 RUN_INFO = "run.json"
 
@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
         description="Adam on the IT objective (a stochastic estimate of -log p(x)). Writes OUT/checkpoint.safetensors "
         "and OUT/history.json after every epoch; --resume continues exactly where a run stopped. "
         "Runs data-parallel under torchrun. Paper settings: DDPM lr 1e-4 batch 64, IDDPM lr 2.5e-5 batch 32, "
-        "10 epochs.",
+        "10 epochs. Logging (--log-dir), EMA weights (--ema), bf16 autocast and gradient accumulation: "
+        "docs/finetune.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_args(p)
@@ -27,8 +28,18 @@ def add_parser(sub) -> None:
     p.add_argument("--spectrum", required=True, help="spectrum .npz of the training data (itd spectrum)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--epochs", type=int_up_to(MAX_EPOCHS), default=10, help="total epochs (including resumed ones)")
-    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--batch-size", type=int_up_to(MAX_BATCH), default=64, help="images per step (over all processes)")
+    p.add_argument("--lr", type=learning_rate, default=1e-4, help="Adam learning rate (at most 1)")
+    p.add_argument("--batch-size", type=int_up_to(MAX_BATCH), default=64, help="images per forward pass (over all "
+                   "processes); an optimizer step takes --grad-accum passes")
+    p.add_argument("--grad-accum", type=int_up_to(MAX_BATCH), default=1, help="accumulate the gradients of this many "
+                   "passes per optimizer step (the step's batch: grad-accum x batch-size images)")
+    p.add_argument("--ema", type=unit_fraction, metavar="DECAY", help="keep an exponential moving average of the "
+                   "weights with this decay (e.g. 0.999); it is validated, saved next to the raw weights, and is what "
+                   "itd eval --model OUT evaluates")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: the training forward and "
+                   "backward under bfloat16 autocast (float32 weights; validation stays float32)")
+    p.add_argument("--log-dir", help="write log.csv (loss and lr per step, validation per epoch) here, and "
+                   "TensorBoard scalars when tensorboard is installed (pip install itdiffusion[log])")
     p.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this")
     p.add_argument("--dequantize", action="store_true", help="train on x + u, u uniform over one grid step: the "
                    "objective then bounds the discrete -log P(x) (as the dequantized estimate of itd eval does); "
@@ -48,7 +59,7 @@ def add_parser(sub) -> None:
                    "discrete bound on -log P(x); auto: discrete for data on a grid")
     p.add_argument("--limit", type=positive_int, help="train on this many images, drawn at random by --seed")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation (small-unet), shuffling and noise")
-    add_device_arg(p)
+    add_device_arg(p, workers=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -65,6 +76,16 @@ def _check_out(out: Path, resume: bool) -> None:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
 
 
+def _check_log_dir(log_dir: Path, resume: bool) -> None:
+    from ..training.runlog import CSV_NAME
+
+    if log_dir.exists() and not log_dir.is_dir():
+        raise ValueError(f"--log-dir {log_dir} is a file; give a folder")
+    if not resume and (log_dir / CSV_NAME).exists():
+        raise ValueError(f"--log-dir {log_dir} already holds the {CSV_NAME} of a run; choose another folder "
+                         "(a resumed run continues its own)")
+
+
 def run(args) -> int:
     from ._common import precheck_hub
 
@@ -75,7 +96,11 @@ def run(args) -> int:
     _check_out(out, args.resume)
     from ..training.distributed import world_from_env
 
-    check_outputs([out], [args.data, args.test_data, args.spectrum, args.model, args.weights])
+    inputs = [args.data, args.test_data, args.spectrum, args.model, args.weights]
+    check_outputs([out], inputs)
+    if args.log_dir is not None:
+        _check_log_dir(Path(args.log_dir), args.resume)
+        check_outputs([args.log_dir], inputs, flag="--log-dir")
     if not world_from_env().is_main:  # the first process holds the lock for all of them
         return _run(args, out)
     with OutputLock(out):
@@ -106,13 +131,15 @@ def _run(args, out: Path) -> int:
     model = model.to(device)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                          grad_clip=args.grad_clip, lr_schedule=args.lr_schedule, val_points=args.test_points, val_examples=None,
-                         dequantize=data.grid.delta if args.dequantize else 0.0)
+                         dequantize=data.grid.delta if args.dequantize else 0.0, ema=args.ema,
+                         grad_accum=args.grad_accum, dtype=args.dtype)
     description = {**loaded.description, "label": _tuned_label(loaded.description["label"]),
                    "source": {"model": args.model, "data": args.data, "spectrum": args.spectrum}}
     info = {"model": args.model, "label": description["label"], "data": args.data, "test_data": args.test_data,
             "spectrum": args.spectrum, "shape": list(data.shape), "d": data.d, "test_metric": metric,
             "dequantize": args.dequantize, "train_clip": model.train_clip, "proposal": args.proposal,
-            "processes": world.size, **_identity(args, data, spectrum)}
+            "processes": world.size, "ema": args.ema, "grad_accum": args.grad_accum, "dtype": args.dtype,
+            "log_dir": args.log_dir, **_identity(args, data, spectrum)}
     if args.resume:
         _check_resume(out, info)
     grid = test.grid if metric == "discrete" else None
@@ -122,7 +149,7 @@ def _run(args, out: Path) -> int:
     try:
         history = train(model, data, config, x_val=None if test is None else test.x, discrete=grid, out_dir=out,
                         resume=args.resume, meta=description, progress=not args.quiet, on_epoch=on_epoch,
-                        world=world)
+                        world=world, log_dir=args.log_dir, workers=args.workers)
         if world.is_main and history.records:  # also when a resumed run had nothing left to do
             _io.save_json_atomic(out / RUN_INFO, {**info, "epochs_done": history.records[-1].epoch})
             _export_diffusers(loaded, model, out, world)
@@ -136,8 +163,10 @@ def _run(args, out: Path) -> int:
 
 
 RESUME_KEYS = ("model", "limit", "seed", "data_id", "spectrum_id", "shape", "train_clip", "proposal",
-               "dequantize", "test_data", "test_metric", "test_examples", "test_points")
+               "dequantize", "test_data", "test_metric", "test_examples", "test_points", "ema", "grad_accum", "dtype")
 """What must be unchanged when a run is resumed (batch size, lr and the rest are checked by ``train``)."""
+ADDED_LATER = {"ema": None, "grad_accum": 1, "dtype": "fp32"}
+"""Keys a run.json written before them lacks, and what such a run trained with."""
 
 
 def _identity(args, data, spectrum) -> dict:
@@ -167,6 +196,7 @@ def _check_resume(out: Path, info: dict) -> None:
         raise ValueError(f"--resume: cannot read {path} ({err}); start a new run with another --out") from None
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: {path} is not a run description; start a new run with another --out")
+    saved = {**ADDED_LATER, **saved}
     missing = [key for key in RESUME_KEYS if key not in saved]
     if missing:
         raise ValueError(f"--resume: {path} lacks {', '.join(missing)}, so the run's settings cannot be checked; "
@@ -219,7 +249,7 @@ def _epoch_printer(out: Path, info: dict, d: int, metric: str):
         line += "bpd)"
         if record.val_nll is not None:
             line += f"  test {record.val_nll:10.4f} ± {record.val_se:.4f} nats "
-            line += f"({_bpd(record.val_nll, d):.4f} bpd, {metric})"
+            line += f"({_bpd(record.val_nll, d):.4f} bpd, {metric}{', EMA weights' if info.get('ema') else ''})"
         print(line + f"  {record.seconds:.1f} s", flush=True)
 
     return on_epoch

@@ -33,27 +33,27 @@ def run(args) -> int:
     from ._conditional import bits, check_free, outputs, setup
 
     paths = outputs(args.out, (".npz", ".json"))
-    check_free(paths.values(), args)
-    if not 1 <= args.rows <= 8:
-        raise ValueError(f"--rows must be between 1 and 8, got {args.rows}")
-    s = setup(args)
-    x = s.data.x.to(s.device)
-    maps = s.model.nll_map(x, args.points, seed=args.seed, y=args.y, **s.options).cpu()
-    d = s.data.d
-    nll = maps.flatten(1).sum(1)
-    bpd = bits(nll, d).numpy()
-    kind = "continuous" if s.options["discrete"] is None else f"discrete bound ({args.rounding} rounding)"
-    _io.save_npz_atomic(paths[".npz"], {"nll_map_nats": maps.numpy(), "nll_nats": nll.numpy(), "bpd": bpd})
-    _io.save_json_atomic(paths[".json"], {
-        "model": s.label, "data": args.data, "images": len(x), "points": args.points, "seed": args.seed,
-        "estimate": kind, "y": args.y, "bpd_mean": float(bpd.mean()), "bpd": bpd.tolist(),
-        "names": list(s.data.names) if s.data.names else None})
-    rows = min(args.rows, len(x))
-    titles = [f"{bpd[i]:.2f} bpd" for i in range(rows)]
-    plot_maps(s.data.x[:rows].numpy(), bits(maps[:rows]).numpy(), paths[next(iter(paths))], unit="bits per dimension",
-              title=f"{s.label}: where the bits are ({kind}{'' if args.y is None else f', y = {args.y}'})",
-              row_titles=titles)
-    print(f"{s.label} on {s.data.source}: {len(x)} images, mean {bpd.mean():.3f} bits/dim ({kind}); "
-          f"maps sum to each image's estimate")
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    with check_free(paths.values(), args):  # held until every output is written
+        if not 1 <= args.rows <= 8:
+            raise ValueError(f"--rows must be between 1 and 8, got {args.rows}")
+        s = setup(args)
+        x = s.data.x.to(s.device)
+        maps = s.model.nll_map(x, args.points, seed=args.seed, y=args.y, **s.options).cpu()
+        d = s.data.d
+        nll = maps.flatten(1).sum(1)
+        bpd = bits(nll, d).numpy()
+        kind = "continuous" if s.options["discrete"] is None else f"discrete bound ({args.rounding} rounding)"
+        _io.save_npz_atomic(paths[".npz"], {"nll_map_nats": maps.numpy(), "nll_nats": nll.numpy(), "bpd": bpd})
+        _io.save_json_atomic(paths[".json"], {
+            "model": s.label, "data": args.data, "images": len(x), "points": args.points, "seed": args.seed,
+            "estimate": kind, "y": args.y, "bpd_mean": float(bpd.mean()), "bpd": bpd.tolist(),
+            "names": list(s.data.names) if s.data.names else None})
+        rows = min(args.rows, len(x))
+        titles = [f"{bpd[i]:.2f} bpd" for i in range(rows)]
+        plot_maps(s.data.x[:rows].numpy(), bits(maps[:rows]).numpy(), paths[next(iter(paths))], unit="bits per dimension",
+                  title=f"{s.label}: where the bits are ({kind}{'' if args.y is None else f', y = {args.y}'})",
+                  row_titles=titles)
+        print(f"{s.label} on {s.data.source}: {len(x)} images, mean {bpd.mean():.3f} bits/dim ({kind}); "
+              f"maps sum to each image's estimate")
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        return 0

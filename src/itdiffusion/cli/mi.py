@@ -33,33 +33,33 @@ def run(args) -> int:
     from ._conditional import bits, check_free, outputs, setup
 
     paths = outputs(args.out, (".json", ".npz"))
-    check_free(paths.values(), args)
-    if not 1 <= args.rows <= 8:
-        raise ValueError(f"--rows must be between 1 and 8, got {args.rows}")
-    s = setup(args)
-    if args.y is not None:
-        y = torch.full((len(s.data),), args.y, dtype=torch.long)
-    elif s.data.labels is not None and s.data.classes:
-        y = network_labels(s.data.classes)[s.data.labels]
-    else:
-        raise ValueError(f"{s.data.source} has no labels: give a labelled folder (one sub-folder per class) or --y")
-    x, y = s.data.x.to(s.device), y.to(s.device)
-    mi, se = s.model.mi(x, y, args.points, seed=args.seed, return_se=True, **s.options)
-    maps = s.model.mi_map(x, y, args.points, seed=args.seed, **s.options).cpu()
-    mi, se = mi.cpu(), se.cpu()
-    _io.save_npz_atomic(paths[".npz"], {"mi_map_nats": maps.numpy(), "mi_nats": mi.numpy(), "se_nats": se.numpy(),
-                                        "y": y.cpu().numpy()})
-    _io.save_json_atomic(paths[".json"], {
-        "model": s.label, "data": args.data, "images": len(x), "points": args.points, "seed": args.seed,
-        "mi_nats_mean": float(mi.mean()), "se_of_mean_nats": float((se**2).sum().sqrt() / len(se)),
-        "mi_nats": mi.tolist(), "se_nats": se.tolist(), "y": y.cpu().tolist(),
-        "names": list(s.data.names) if s.data.names else None})
-    rows = min(args.rows, len(x))
-    titles = [f"y={int(y[i])}: {mi[i]:.1f}±{se[i]:.1f} nats" for i in range(rows)]
-    plot_maps(s.data.x[:rows].numpy(), bits(maps[:rows]).numpy(), paths[next(iter(paths))], diverging=True,
-              unit="bits per dimension (i(x; y))", title=f"{s.label}: pointwise mutual information with the label",
-              row_titles=titles)
-    print(f"{s.label} on {s.data.source}: mean i(x; y) = {mi.mean():.2f} nats ({bits(mi.mean()):.2f} bits) "
-          f"+- {(se**2).sum().sqrt() / len(se):.2f} over {len(x)} images")
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    with check_free(paths.values(), args):  # held until every output is written
+        if not 1 <= args.rows <= 8:
+            raise ValueError(f"--rows must be between 1 and 8, got {args.rows}")
+        s = setup(args)
+        if args.y is not None:
+            y = torch.full((len(s.data),), args.y, dtype=torch.long)
+        elif s.data.labels is not None and s.data.classes:
+            y = network_labels(s.data.classes)[s.data.labels]
+        else:
+            raise ValueError(f"{s.data.source} has no labels: give a labelled folder (one sub-folder per class) or --y")
+        x, y = s.data.x.to(s.device), y.to(s.device)
+        mi, se = s.model.mi(x, y, args.points, seed=args.seed, return_se=True, **s.options)
+        maps = s.model.mi_map(x, y, args.points, seed=args.seed, **s.options).cpu()
+        mi, se = mi.cpu(), se.cpu()
+        _io.save_npz_atomic(paths[".npz"], {"mi_map_nats": maps.numpy(), "mi_nats": mi.numpy(), "se_nats": se.numpy(),
+                                            "y": y.cpu().numpy()})
+        _io.save_json_atomic(paths[".json"], {
+            "model": s.label, "data": args.data, "images": len(x), "points": args.points, "seed": args.seed,
+            "mi_nats_mean": float(mi.mean()), "se_of_mean_nats": float((se**2).sum().sqrt() / len(se)),
+            "mi_nats": mi.tolist(), "se_nats": se.tolist(), "y": y.cpu().tolist(),
+            "names": list(s.data.names) if s.data.names else None})
+        rows = min(args.rows, len(x))
+        titles = [f"y={int(y[i])}: {mi[i]:.1f}±{se[i]:.1f} nats" for i in range(rows)]
+        plot_maps(s.data.x[:rows].numpy(), bits(maps[:rows]).numpy(), paths[next(iter(paths))], diverging=True,
+                  unit="bits per dimension (i(x; y))", title=f"{s.label}: pointwise mutual information with the label",
+                  row_titles=titles)
+        print(f"{s.label} on {s.data.source}: mean i(x; y) = {mi.mean():.2f} nats ({bits(mi.mean()):.2f} bits) "
+              f"+- {(se**2).sum().sqrt() / len(se):.2f} over {len(x)} images")
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        return 0

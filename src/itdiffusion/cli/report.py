@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 
 def add_parser(sub) -> None:
@@ -25,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--bounds", help="with --layout paper: comma-separated itd compare JSON files holding each "
                    "model's variational bound ('vlb'), one per results file in order ('-' for none)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace report files already in OUT")
     p.set_defaults(func=run)
 
 
@@ -41,13 +44,24 @@ def run(args) -> int:
     names_out = ["table.md", "table.tex", "estimates.md", "summary.json", "table_paper.md", "table_paper.tex"]
     names_out += [f"{kind}.{ext}" for kind in ("error_curves", "rounded_curves", "loss_curves") for ext in ("png", "pdf")]
     check_outputs([Path(args.out) / n for n in names_out], [*args.results, *args.runs, *(args.bounds or "").split(",")])
+    existing = [n for n in names_out if (Path(args.out) / n).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"--out {args.out} already holds {', '.join(existing[:3])}"
+                         f"{' ...' if len(existing) > 3 else ''}; pass --overwrite to replace them")
     results = [Results.load(path) for path in args.results]
     runs = [RunHistory.load(path) for path in args.runs]
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     paper = _paper_layout(args, results, names) if args.layout == "paper" else None  # checked before writing
     if paper is None and args.bounds:
         raise ValueError("--bounds is for --layout paper")
-    with OutputLock(args.out):
+    from ..reporting.report import mixed_data_warning, unique_labels
+
+    if results:  # on stderr before the table: rows on different image sets are not comparable
+        mixed = mixed_data_warning(results, unique_labels(results, names))
+        if mixed:
+            print(f"itd report: {mixed}", file=sys.stderr)
+    with OutputLock(args.out), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # printed above
         written = write_report(results, args.out, names=names, runs=runs)
         if paper is not None:
             written += _write_paper(args.out, paper)

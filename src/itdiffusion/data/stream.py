@@ -125,7 +125,7 @@ class ImageSource(torch.utils.data.Dataset):
 
 
 class _IndexedReads(torch.utils.data.Dataset):
-    """Item ``k``: the rows ``index_lists[k]`` of a source, decoded in one call."""
+    """Item ``k``: the rows ``index_lists[k]`` of a source (anything indexed by an index array), in one call."""
 
     def __init__(self, source: ImageSource, index_lists: Sequence[np.ndarray]):
         self.source, self.index_lists = source, index_lists
@@ -134,10 +134,10 @@ class _IndexedReads(torch.utils.data.Dataset):
         return len(self.index_lists)
 
     def __getitem__(self, k: int) -> torch.Tensor:
-        return self.source._read(np.asarray(self.index_lists[k], dtype=np.int64))
+        return self.source[np.asarray(self.index_lists[k], dtype=np.int64)]
 
 
-def read_ahead(source: ImageSource, index_lists: Sequence[np.ndarray], *, workers: int = 0,
+def read_ahead(source, index_lists: Sequence[np.ndarray], *, workers: int = 0,
                pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """The rows ``index_lists[k]`` of ``source`` for k = 0, 1, ... in order.
 
@@ -147,7 +147,7 @@ def read_ahead(source: ImageSource, index_lists: Sequence[np.ndarray], *, worker
     """
     if workers <= 0 and not pin_memory:
         for indices in index_lists:
-            yield source._read(np.asarray(indices, dtype=np.int64))
+            yield source[np.asarray(indices, dtype=np.int64)]
         return
     loader = torch.utils.data.DataLoader(_IndexedReads(source, index_lists), batch_size=None, shuffle=False,
                                          num_workers=max(0, int(workers)), pin_memory=pin_memory,

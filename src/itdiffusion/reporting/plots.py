@@ -77,53 +77,67 @@ def plot_density_grid(
     path,
     title: str | None = None,
 ) -> None:
-    """Filled contours of ``-log p`` (each panel ``(label, (ny, nx) array)``) with data points on top."""
+    """Filled contours of ``-log p`` (each panel ``(label, (ny, nx) array)``) with data points on top,
+    axis ticks in data coordinates and one colour bar (nats) for every panel."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n + 1.0, 3.4), squeeze=False, sharey=True, layout="constrained")
     finite = np.concatenate([p[np.isfinite(p)].ravel() for _, p in panels])
     lo, hi = np.percentile(finite, 1), np.percentile(finite, 97)
     levels = np.linspace(lo, hi, 15)
-    for ax, (label, nll) in zip(axes[0], panels):
-        ax.contourf(np.clip(nll, lo, hi), levels=levels, extent=extent, origin="lower", cmap="viridis_r")
+    for k, (ax, (label, nll)) in enumerate(zip(axes[0], panels)):
+        filled = ax.contourf(np.clip(nll, lo, hi), levels=levels, extent=extent, origin="lower", cmap="viridis_r")
         ax.scatter(points[:, 0], points[:, 1], s=1.5, c="white", alpha=0.35, linewidths=0)
         ax.set_title(label, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("$x_1$", fontsize=8)
+        if k == 0:
+            ax.set_ylabel("$x_2$", fontsize=8)
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.set_aspect("equal")
+
+    bar = fig.colorbar(filled, ax=axes[0].tolist(), shrink=0.85, pad=0.02, ticks=MaxNLocator(6))
+    bar.set_label("-log p(x), nats (clipped to the 1st-97th percentile)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
 
 def plot_image_bpd(images: np.ndarray, bpd: np.ndarray, results: Results, path, title: str | None = None) -> None:
-    """Test images framed by colour by their bits/dim, next to the error curves."""
+    """Test images framed by colour by their bits/dim (the value above each tile), next to the error curves."""
     plt = _plt()
     n = min(len(images), 36)
     order = np.argsort(bpd[:n])
     cols = int(math.ceil(math.sqrt(n)))
-    fig = plt.figure(figsize=(11, 4.8))
-    grid = fig.add_gridspec(cols, 2 * cols, wspace=0.08, hspace=0.08)
+    fig = plt.figure(figsize=(11, 5.2))
+    outer = fig.add_gridspec(1, 2, width_ratios=[1.0, 1.15], wspace=0.22)
+    tiles = outer[0].subgridspec(int(math.ceil(n / cols)), cols, wspace=0.12, hspace=0.45)
     cmap = plt.get_cmap("coolwarm")
     lo, hi = float(bpd[:n].min()), float(bpd[:n].max())
     for slot, i in enumerate(order):
-        ax = fig.add_subplot(grid[slot // cols, slot % cols])
+        ax = fig.add_subplot(tiles[slot // cols, slot % cols])
         img = images[i]
         ax.imshow(img[0] if img.shape[0] == 1 else np.transpose((img + 1) / 2, (1, 2, 0)), cmap="gray", vmin=-1, vmax=1)
         color = cmap((bpd[i] - lo) / max(hi - lo, 1e-9))
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
-            spine.set_linewidth(3)
+            spine.set_linewidth(2.5)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{bpd[i]:.2f}", fontsize=6, pad=1)
-    ax = fig.add_subplot(grid[:, cols + 1 :])
+        ax.set_title(f"{bpd[i]:.2f}", fontsize=7, pad=3)
+    ax = fig.add_subplot(outer[1])
     mse_axes(ax, results, label="model (raw)")
     key = "mmse_soft" if results.config.get("soft") else "mmse_hard"
     if key in results.curves:
         ax.plot(results.logsnr, results.curves[key], color="C2", lw=1.5, label="rounded")
         ax.legend(fontsize=7)
-    fig.suptitle(title or "test images by discrete bits/dim (blue: likely, red: unlikely)", fontsize=10)
+    fig.suptitle(title or "test images by discrete bits/dim (above each; blue frame: likely, red: unlikely)",
+                 fontsize=10)
     save_figure(fig, path)
 
 

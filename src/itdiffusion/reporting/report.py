@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,25 @@ def unique_labels(results: list[Results], names: list[str] | None = None) -> lis
     return labels
 
 
+def mixed_data_warning(results: list[Results], labels: list[str]) -> str | None:
+    """A warning when the rows were measured on different image sets (count, shape or pixels), else ``None``.
+
+    The pixels are compared where ``itd eval`` recorded their SHA-256 (``config["data_sha256"]``), else the
+    ``--data`` argument with ``--limit``/``--seed``; rows on different images are not comparable.
+    """
+    def identity(res: Results):
+        cfg = res.config
+        drawn = cfg.get("seed") if cfg.get("limit") else None  # --limit images are drawn by the seed
+        data = cfg.get("data_sha256") or (cfg.get("data"), cfg.get("limit"), drawn)
+        return res.n_examples, tuple(res.shape), data
+
+    if len({identity(r) for r in results}) <= 1:
+        return None
+    sets = "; ".join(f"{label}: {r.n_examples} images of shape {tuple(r.shape)} from {r.config.get('data', '?')}"
+                     for label, r in zip(labels, results))
+    return f"warning: these results are on different image sets, so their rows are not comparable ({sets})"
+
+
 def try_ensemble(results: list[Results], labels: list[str]) -> tuple[Results | None, str | None]:
     """The ensemble of all results, or ``None`` and the reason it cannot be formed."""
     if len(results) < 2:
@@ -165,6 +185,10 @@ def write_report(results: list[Results], out, *, names: list[str] | None = None,
     labels = unique_labels(results, names)
     rows = list(zip(labels, results))
     ens, why_not = try_ensemble(results, labels) if results else (None, None)
+    mixed = mixed_data_warning(results, labels) if results else None
+    if mixed:
+        warnings.warn(mixed, stacklevel=2)
+        why_not = mixed + ("" if why_not is None else f"\n\n{why_not}")
     if ens is not None:
         rows.append((ENSEMBLE, ens))
     written: list[Path] = []
@@ -179,6 +203,7 @@ def write_report(results: list[Results], out, *, names: list[str] | None = None,
         emit("table.tex", latex_table(rows, CAPTION))
         emit("estimates.md", "\n".join(res.to_markdown(label) for label, res in rows))
         _io.save_json_atomic(out / "summary.json", {"rows": table_rows(rows), "ensemble_note": why_not,
+                                                    "data_warning": mixed,
                                                     "caption": CAPTION})
         written.append(out / "summary.json")
         written += _figures(results, [literal_text(label) for label in labels], out, formats)

@@ -3,7 +3,9 @@
 A checkpoint holds the model's ``state_dict`` (network weights and the spectrum
 buffers), the optimizer's tensors, the epoch and JSON metadata
 (training config, model description, history), and the SHA-256 of its tensors, checked
-when it is loaded.
+when it is loaded.  A run trained with an EMA of its weights also holds the averaged
+parameters (``ema/`` tensors); :meth:`Checkpoint.weights` is the state a model is
+evaluated with (the EMA's where there is one).
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ class Checkpoint:
     optimizer_state: dict | None
     epoch: int
     meta: dict = field(default_factory=dict)  # JSON-able: config, model description, history
+    ema_state: dict[str, torch.Tensor] | None = None  # averaged trainable parameters (float32), by name
+
+    def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        """The model state to evaluate: ``model_state`` with the EMA parameters over it when ``ema`` and present."""
+        if not ema or not self.ema_state:
+            return dict(self.model_state)
+        state = dict(self.model_state)
+        for name, value in self.ema_state.items():  # in the dtype of the weights they stand for
+            state[name] = value.to(state[name].dtype) if name in state else value
+        return state
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -80,6 +92,9 @@ def save_checkpoint(path, ckpt: Checkpoint) -> None:
         opt_tensors, opt_info = _flatten_optimizer(ckpt.optimizer_state)
         tensors.update({k: v.detach().contiguous().cpu() for k, v in opt_tensors.items()})
         meta["optimizer"] = opt_info
+    if ckpt.ema_state is not None:
+        tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ckpt.ema_state.items()})
+        meta["has_ema"] = True
     meta[DIGEST] = tensors_digest(tensors)
     data = save(tensors, metadata={"itdiffusion": json.dumps(_io._json_safe(meta))})
     _io.write_atomic(path, lambda fh: fh.write(data))
@@ -116,6 +131,8 @@ def load_checkpoint(path) -> Checkpoint:
     try:
         model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optim/")}
+        ema_state = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")}
+        ema_state = ema_state if meta.pop("has_ema", False) else None
         info = meta.pop("optimizer", None)
         optimizer_state = None if info is None else _unflatten_optimizer(opt_tensors, info)
         epoch = meta.pop("epoch")
@@ -124,4 +141,5 @@ def load_checkpoint(path) -> Checkpoint:
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: invalid checkpoint metadata ({type(err).__name__}: {err})") from None
     meta.pop("format"), meta.pop("version")
-    return Checkpoint(model_state=model_state, optimizer_state=optimizer_state, epoch=epoch, meta=meta)
+    return Checkpoint(model_state=model_state, optimizer_state=optimizer_state, epoch=epoch, meta=meta,
+                      ema_state=ema_state)
