@@ -18,7 +18,7 @@ import torch
 from .evaluation import EvalConfig, Evaluator
 from .results import Estimate
 
-ESTIMATES = ("continuous", "discrete", "dequantized")
+ESTIMATES = ("continuous", "discrete", "dequantized_discrete", "dequantized")  # the last: an older name
 RANK_STRIDE = 2**40  # default index of a rank's examples: rank * RANK_STRIDE + its running count
 
 
@@ -30,7 +30,9 @@ class BitsPerDim:
         n_points: network calls per example (and per pass).
         discrete: the data grid (``DiscreteGrid``) for data on a grid, else ``None``.
         estimate: ``"discrete"`` (the default for data on a grid), ``"continuous"`` (the default
-            otherwise) or ``"dequantized"`` (its discrete limit: ``-log p(x + u) - d log delta``).
+            otherwise) or ``"dequantized_discrete"`` (the dequantized bound on ``-log P(x)``:
+            ``-log p(x + u) - d log delta``, the results' ``estimates["dequantized_discrete"]``;
+            ``"dequantized"`` is accepted as an older name of the same).
         seed, soft, clip, protocol, batch_size: as in :func:`itdiffusion.evaluate`.
 
     ``compute()`` returns an :class:`~itdiffusion.Estimate` (``.bpd``, ``.se_bpd``, ``.nats``).
@@ -41,10 +43,11 @@ class BitsPerDim:
                  batch_size: int | None = None):
         estimate = estimate or ("discrete" if discrete is not None else "continuous")
         if estimate not in ESTIMATES:
-            raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+            raise ValueError(f"estimate must be one of {ESTIMATES[:3]}, got {estimate!r}")
+        estimate = "dequantized_discrete" if estimate == "dequantized" else estimate  # one name, the results' own
         if estimate != "continuous" and discrete is None:
             raise ValueError(f"the {estimate} estimate needs the data grid (discrete=DiscreteGrid(...))")
-        config = EvalConfig(n_points=n_points, discrete=discrete, soft=soft, dequantize=estimate == "dequantized",
+        config = EvalConfig(n_points=n_points, discrete=discrete, soft=soft, dequantize=estimate == "dequantized_discrete",
                             seed=seed, clip=clip, protocol=protocol)
         self.model, self.estimate = model, estimate
         self._evaluator = Evaluator(model, config, batch_size=batch_size)
@@ -65,8 +68,9 @@ class BitsPerDim:
             first_index = _rank() * RANK_STRIDE + self._seen
         device = next((b.device for b in self.model.buffers()), torch.device("cpu"))
         chunk = self._evaluator.evaluate_rows(x.to(device), int(first_index))
-        values = torch.from_numpy(chunk.arrays[f"{self.estimate}/nll"]).double()
-        if self.estimate == "dequantized":
+        row = "dequantized" if self.estimate == "dequantized_discrete" else self.estimate
+        values = torch.from_numpy(chunk.arrays[f"{row}/nll"]).double()
+        if self.estimate == "dequantized_discrete":
             values = values - self.model.spectrum.d * math.log(self._evaluator.config.discrete.delta)
         self._sums[0] += len(values)
         self._sums[1] += values.sum().item()

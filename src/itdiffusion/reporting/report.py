@@ -120,6 +120,11 @@ def mixed_data_warning(results: list[Results], labels: list[str]) -> str | None:
         data = cfg.get("data_sha256") or (cfg.get("data"), cfg.get("limit"), drawn)
         return res.n_examples, tuple(res.shape), data
 
+    protocols = {str(r.config.get("protocol", "ours")) for r in results}
+    if len(protocols) > 1:
+        return ("warning: these results were estimated under different protocols (" + ", ".join(
+            f"{label}: {r.config.get('protocol', 'ours')}" for label, r in zip(labels, results))
+            + "), so their rows are not comparable")
     if len({identity(r) for r in results}) <= 1:
         return None
     sets = "; ".join(f"{label}: {r.n_examples} images of shape {tuple(r.shape)} from {r.config.get('data', '?')}"
