@@ -20,7 +20,6 @@ __all__ = ["load_unet_folder", "available_memory_bytes", "WEIGHTS_FILE"]
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 _INDEX_FILE = WEIGHTS_FILE + ".index.json"
-_SHOW = 3
 
 
 def available_memory_bytes() -> int | None:
@@ -95,15 +94,16 @@ def _check_size(meta: nn.Module, config_path: Path) -> None:
 
 
 def _mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str | None:
+    """As :func:`~itdiffusion.denoisers.loading._mismatch_report`, from shapes alone (no tensors read)."""
+    from .loading import _listing
+
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     shapes = [f"{k}: file {list(found[k])} vs config {list(v)}" for k, v in expected.items()
               if k in found and found[k] != v]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
-        if items:
-            more = f", ... (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}")
+    parts = [f"{len(items)} {label}: {_listing(items)}"
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
+             if items]
     return "; ".join(parts) or None
 
 
